@@ -1,0 +1,42 @@
+"""PIIP-LLaVA model classes; importing registers them with the transformers Auto classes."""
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from .configuration_piip_llava import (
+    BranchConfig,
+    InteractionConfig,
+    PiipLlavaConfig,
+    PiipVisionConfig,
+    load_preset,
+    preset_names,
+)
+from .modeling_piip_llava import PiipLlavaForConditionalGeneration, PiipProjector
+from .modeling_piip_vision import PiipVisionTower
+from .processing_piip_llava import (
+    ImageLoadError,
+    PiipLlavaImageProcessor,
+    PiipLlavaProcessor,
+    expand_image_tokens,
+    load_image,
+)
+
+AutoConfig.register("piip_vision", PiipVisionConfig, exist_ok=True)
+AutoConfig.register("piip_llava", PiipLlavaConfig, exist_ok=True)
+AutoModelForCausalLM.register(PiipLlavaConfig, PiipLlavaForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(PiipLlavaConfig, PiipLlavaForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "BranchConfig",
+    "ImageLoadError",
+    "InteractionConfig",
+    "PiipLlavaConfig",
+    "PiipLlavaForConditionalGeneration",
+    "PiipLlavaImageProcessor",
+    "PiipLlavaProcessor",
+    "PiipProjector",
+    "PiipVisionConfig",
+    "PiipVisionTower",
+    "expand_image_tokens",
+    "load_image",
+    "load_preset",
+    "preset_names",
+]

@@ -1,0 +1,317 @@
+"""Configuration classes for PIIP-LLaVA: one branch, the N-branch vision tower, the whole MLLM.
+
+`BranchConfig` and `InteractionConfig` are plain validated dataclasses; `PiipVisionConfig` and `PiipLlavaConfig`
+are `PretrainedConfig`s (saved in `config.json`). Everything the architecture needs is here and nothing else:
+training flags never enter the model config. Validation happens in `__post_init__`/`__init__` and every error says
+what to fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from transformers import AutoConfig, PretrainedConfig
+
+BranchType = Literal["clip", "siglip", "internvit", "convnext"]
+BRANCH_TYPES = ("clip", "siglip", "internvit", "convnext")
+VIT_TYPES = ("clip", "siglip", "internvit")
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
+
+
+@dataclass
+class BranchConfig:
+    """One backbone of the pyramid.
+
+    `backbone` holds the architecture: for ViTs the kwargs of the transformers vision config (`CLIPVisionConfig`,
+    `SiglipVisionConfig`, `InternVLVisionConfig`), for ConvNeXt the kwargs of `timm.models.convnext.ConvNeXt`
+    (`depths`, `dims`, optional `head_hidden_size`). `pretrained` (hub id, local dir or timm tag) is only used by
+    the builder that loads weights; a model built from the config alone never downloads anything.
+    """
+
+    type: BranchType
+    image_size: int
+    backbone: dict[str, Any]
+    pretrained: str | None = None
+    patch_size: int | None = None  # ViT run-time patch size; the pretrained kernel is resampled when it differs
+    use_cls_token: bool = True  # ViT: class token joins self-attention but never interactions
+    interaction_indexes: list[list[int]] = field(default_factory=list)  # inclusive [start, end] block ranges
+    select_layer: int = -1  # output of this block (-1 = last, -2 = penultimate: LLaVA-1.5 baseline)
+
+    def __post_init__(self) -> None:
+        if self.type not in BRANCH_TYPES:
+            raise ValueError(f"unknown branch type {self.type!r}; expected one of {BRANCH_TYPES}")
+        if self.image_size <= 0:
+            raise ValueError(f"branch image_size must be positive, got {self.image_size}")
+        self.interaction_indexes = [list(map(int, r)) for r in self.interaction_indexes]
+        if self.type in VIT_TYPES:
+            hidden, heads = self.backbone.get("hidden_size"), self.backbone.get("num_attention_heads")
+            if hidden is None or heads is None or "num_hidden_layers" not in self.backbone:
+                raise ValueError(
+                    f"{self.type} branch backbone needs hidden_size, num_attention_heads and num_hidden_layers; "
+                    f"got keys {sorted(self.backbone)}"
+                )
+            if hidden % heads:
+                raise ValueError(
+                    f"{self.type} branch: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+                )
+            if self.patch_size is None:
+                self.patch_size = int(self.backbone.get("patch_size", 16))
+            if self.image_size % self.patch_size:
+                raise ValueError(
+                    f"{self.type} branch: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                )
+        else:
+            if "depths" not in self.backbone or "dims" not in self.backbone:
+                raise ValueError("convnext branch backbone needs 'depths' and 'dims' (timm ConvNeXt kwargs)")
+            if len(self.backbone["depths"]) != len(self.backbone["dims"]):
+                raise ValueError("convnext branch: 'depths' and 'dims' must have the same length")
+            if self.image_size % self.strides[-1]:
+                raise ValueError(
+                    f"convnext branch: image_size {self.image_size} must be a multiple of its stride {self.strides[-1]}"
+                )
+        depth = self.depth
+        if not -depth <= self.select_layer < depth:
+            raise ValueError(f"select_layer {self.select_layer} out of range for a branch of {depth} blocks")
+        if self.interaction_indexes:
+            expected = 0
+            for start, end in self.interaction_indexes:
+                if start != expected or end < start:
+                    raise ValueError(
+                        f"{self.type} branch interaction_indexes {self.interaction_indexes} must be contiguous "
+                        f"inclusive ranges covering blocks 0..{depth - 1} in order (range starting at {start}, "
+                        f"expected {expected})"
+                    )
+                expected = end + 1
+            if expected != depth:
+                raise ValueError(
+                    f"{self.type} branch interaction_indexes {self.interaction_indexes} end at block {expected - 1} "
+                    f"but the branch has {depth} blocks (0..{depth - 1}); cover every block"
+                )
+            if self.select_layer != -1:
+                raise ValueError("select_layer is only for single-branch towers (no interactions)")
+
+    # ---- derived architecture facts (no module is built) ----
+    @property
+    def depth(self) -> int:
+        """Number of blocks in the branch's block list (ConvNeXt: downsampling layers are blocks of their own)."""
+        if self.type in VIT_TYPES:
+            return int(self.backbone["num_hidden_layers"])
+        depths = self.backbone["depths"]
+        return sum(depths) + len(depths) - 1
+
+    @property
+    def out_dims(self) -> list[int]:
+        """Channel width after each block."""
+        if self.type in VIT_TYPES:
+            return [int(self.backbone["hidden_size"])] * self.depth
+        dims: list[int] = []
+        for s, (d, c) in enumerate(zip(self.backbone["depths"], self.backbone["dims"])):
+            dims += [c] * (d + (1 if s > 0 else 0))
+        return dims
+
+    @property
+    def strides(self) -> list[int]:
+        """Cumulative stride (input pixels per token side) after each block."""
+        if self.type in VIT_TYPES:
+            return [int(self.patch_size)] * self.depth
+        out: list[int] = []
+        for s, d in enumerate(self.backbone["depths"]):
+            out += [4 * 2**s] * (d + (1 if s > 0 else 0))
+        return out
+
+    @property
+    def width(self) -> int:
+        """Width of the branch's output features."""
+        return self.out_dims[-1]
+
+    @property
+    def grid(self) -> int:
+        """Side of the output token grid."""
+        return self.image_size // self.strides[-1]
+
+    def approx_params(self) -> int:
+        """Rough parameter count used to check the inverted-pyramid order (12 d^2 per ViT layer)."""
+        if self.type in VIT_TYPES:
+            return 12 * int(self.backbone["hidden_size"]) ** 2 * self.depth
+        return sum(d * 9 * c * c for d, c in zip(self.backbone["depths"], self.backbone["dims"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class InteractionConfig:
+    """Cross-branch interaction unit (spec 1.6-1.7)."""
+
+    attn_type: Literal["deform", "normal"] = "deform"
+    num_heads: int = 16
+    n_points: int = 4
+    deform_ratio: float = 0.5
+    with_cffn: bool = True
+    cffn_ratio: float = 0.25
+    drop_path_rate: float = 0.4
+    with_proj: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.attn_type not in ("deform", "normal"):
+            raise ValueError(f"interaction attn_type must be 'deform' or 'normal', got {self.attn_type!r}")
+        if self.num_heads <= 0 or self.n_points <= 0:
+            raise ValueError("interaction num_heads and n_points must be positive")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"interaction drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class PiipVisionConfig(PretrainedConfig):
+    """N branches ordered from the largest model on the smallest image to the smallest model on the largest."""
+
+    model_type = "piip_vision"
+
+    def __init__(
+        self,
+        branches: list[dict[str, Any]] | None = None,
+        interaction: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.branches = [dict(b) if not isinstance(b, BranchConfig) else b.to_dict() for b in (branches or [])]
+        self.interaction = dict(interaction or {}) if not isinstance(interaction, InteractionConfig) else interaction.to_dict()
+        if not self.branches:  # an empty config is what transformers builds to read defaults: leave it unchecked
+            return
+        self.validate()
+
+    def branch_configs(self) -> list[BranchConfig]:
+        return [BranchConfig(**b) for b in self.branches]
+
+    def interaction_config(self) -> InteractionConfig:
+        return InteractionConfig(**self.interaction)
+
+    def validate(self) -> None:
+        branches = self.branch_configs()
+        inter = self.interaction_config()
+        if len(branches) > 4:
+            raise ValueError(f"PIIP supports 1 to 4 branches, got {len(branches)}")
+        for i in range(len(branches) - 1):
+            lo, hi = branches[i], branches[i + 1]
+            if lo.image_size >= hi.image_size:
+                raise ValueError(
+                    f"branch order: branch {i} ({lo.type}, {lo.image_size}px) must see a smaller image than branch "
+                    f"{i + 1} ({hi.type}, {hi.image_size}px); order branches from lowest to highest resolution"
+                )
+            if lo.approx_params() < hi.approx_params():
+                raise ValueError(
+                    f"branch order: branch {i} ({lo.type}, ~{lo.approx_params() / 1e6:.1f}M params) is smaller than "
+                    f"branch {i + 1} (~{hi.approx_params() / 1e6:.1f}M) - the largest model must take the lowest "
+                    "resolution (parameter-inverted pyramid)"
+                )
+        if len(branches) == 1:
+            if branches[0].interaction_indexes:
+                raise ValueError("a single-branch tower has no interactions: leave interaction_indexes empty")
+            return
+        counts = {len(b.interaction_indexes) for b in branches}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError(
+                "every branch needs the same, non-zero number of interaction ranges; got "
+                + ", ".join(f"branch {i}: {len(b.interaction_indexes)}" for i, b in enumerate(branches))
+            )
+        for i, b in enumerate(branches):
+            for start, end in b.interaction_indexes:
+                width = b.out_dims[end]
+                if int(width * inter.deform_ratio) % inter.num_heads or width % inter.num_heads:
+                    raise ValueError(
+                        f"branch {i}: interaction width {width} (at block {end}) with deform_ratio "
+                        f"{inter.deform_ratio} is not divisible by interaction num_heads {inter.num_heads}"
+                    )
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    @property
+    def image_size(self) -> int:
+        """Resolution of the processor output: that of the highest-resolution (last) branch."""
+        return self.branch_configs()[-1].image_size
+
+    @property
+    def num_interactions(self) -> int:
+        return len(self.branches[0]["interaction_indexes"]) if self.branches else 0
+
+
+class PiipLlavaConfig(PretrainedConfig):
+    """PIIP vision tower + projector + any Hugging Face causal LM."""
+
+    model_type = "piip_llava"
+    sub_configs = {"text_config": AutoConfig, "vision_config": PiipVisionConfig}
+
+    def __init__(
+        self,
+        vision_config: dict[str, Any] | PiipVisionConfig | None = None,
+        text_config: dict[str, Any] | PretrainedConfig | None = None,
+        projector_type: Literal["piip_mlp", "mlp2x_gelu"] = "piip_mlp",
+        projector_norm: Literal["gn", "ln"] = "gn",
+        projector_groups: int = 32,
+        image_token_id: int | None = None,
+        image_aspect_ratio: Literal["pad", "square"] = "pad",
+        image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        conversation_template: str = "vicuna_v1",
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(vision_config, dict):
+            vision_config = PiipVisionConfig(**vision_config)
+        self.vision_config = vision_config if vision_config is not None else PiipVisionConfig()
+        if isinstance(text_config, dict):
+            if "model_type" not in text_config:
+                raise ValueError("text_config needs a 'model_type' (e.g. 'llama', 'qwen2')")
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+        self.text_config = text_config
+        if projector_type not in ("piip_mlp", "mlp2x_gelu"):
+            raise ValueError(f"projector_type must be 'piip_mlp' or 'mlp2x_gelu', got {projector_type!r}")
+        if projector_norm not in ("gn", "ln"):
+            raise ValueError(f"projector_norm must be 'gn' or 'ln', got {projector_norm!r}")
+        if image_aspect_ratio not in ("pad", "square"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}")
+        self.projector_type = projector_type
+        self.projector_norm = projector_norm
+        self.projector_groups = projector_groups
+        self.image_aspect_ratio = image_aspect_ratio
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.conversation_template = conversation_template
+        if image_token_id is None and text_config is not None:
+            image_token_id = text_config.vocab_size  # outside the LM vocabulary: never embedded, never generated
+        self.image_token_id = image_token_id
+        super().__init__(**kwargs)
+        if text_config is not None and self.vision_config.branches:
+            hidden = text_config.hidden_size
+            if projector_type == "mlp2x_gelu" and self.vision_config.num_branches != 1:
+                raise ValueError("projector_type 'mlp2x_gelu' is for single-branch towers; use 'piip_mlp'")
+            if projector_type == "piip_mlp" and projector_norm == "gn" and hidden % projector_groups:
+                raise ValueError(f"LLM hidden size {hidden} is not divisible by projector_groups {projector_groups}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image: the grid of the highest-resolution branch."""
+        return self.vision_config.branch_configs()[-1].grid ** 2
+
+
+def preset_names() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".json"))
+
+
+def load_preset(name_or_path: str) -> PiipLlavaConfig:
+    """A named preset (`presets/NAME.json`) or a path to such a JSON file -> `PiipLlavaConfig`."""
+    path = name_or_path if name_or_path.endswith(".json") else os.path.join(PRESET_DIR, f"{name_or_path}.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown preset {name_or_path!r}; available: {', '.join(preset_names())}")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data.pop("_comment", None)
+    return PiipLlavaConfig(**data)

@@ -1,0 +1,235 @@
+"""PIIP-LLaVA: vision tower -> projector -> visual tokens spliced into any Hugging Face causal LM.
+
+`PiipLlavaForConditionalGeneration` composes `PiipVisionTower`, a projector and
+`AutoModelForCausalLM.from_config(text_config)`. Image features replace the positions of `config.image_token_id`
+in `input_ids` (one position per visual token, expanded by the processor/dataset).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..layers.interaction import InteractionUnit
+from .configuration_piip_llava import PiipLlavaConfig
+from .modeling_piip_vision import PiipVisionTower
+
+
+class BranchMLP(nn.Module):
+    """Per-branch projector: Linear(d_j -> D) -> GroupNorm(32) over channels and all positions -> GELU -> Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm: str, groups: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.norm = nn.GroupNorm(groups, out_dim) if norm == "gn" else nn.LayerNorm(out_dim, elementwise_affine=False)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, d_j) -> (B, N, D)."""
+        x = self.linear_1(x)
+        if isinstance(self.norm, nn.GroupNorm):
+            x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        else:
+            x = self.norm(x)
+        return self.linear_2(self.act(x))
+
+
+class PiipProjector(nn.Module):
+    """N-branch projector: upsample every map (fp32 bilinear) to the last branch's grid, one MLP per branch, sum."""
+
+    def __init__(self, in_dims: list[int], out_dim: int, norm: str = "gn", groups: int = 32) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(BranchMLP(d, out_dim, norm, groups) for d in in_dims)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """maps: [(B, d_j, H_j, W_j)] -> (B, H*W, D) on the last (highest-resolution) grid."""
+        size = maps[-1].shape[-2:]
+        out = None
+        for mlp, fmap in zip(self.branches, maps):
+            if fmap.shape[-2:] != size:
+                fmap = F.interpolate(fmap.float(), size=size, mode="bilinear", align_corners=False).to(fmap.dtype)
+            y = mlp(fmap.flatten(2).transpose(1, 2))
+            out = y if out is None else out + y
+        return out
+
+
+class MlpProjector(nn.Module):
+    """LLaVA-1.5 `mlp2x_gelu` for single-branch towers: Linear -> GELU -> Linear on the patch tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(maps[0].flatten(2).transpose(1, 2))))
+
+
+def build_projector(config: PiipLlavaConfig, in_dims: list[int]) -> nn.Module:
+    hidden = config.text_config.hidden_size
+    if config.projector_type == "mlp2x_gelu":
+        return MlpProjector(in_dims[0], hidden)
+    return PiipProjector(in_dims, hidden, config.projector_norm, config.projector_groups)
+
+
+class PiipLlavaPreTrainedModel(PreTrainedModel):
+    config_class = PiipLlavaConfig
+    config: PiipLlavaConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["InteractionBlock", "CLIPEncoderLayer", "SiglipEncoderLayer", "InternVLVisionLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Branch backbones and the LLM are PreTrainedModels and initialise themselves; interactions use the
+        # official init (spec 1.14); projector layers keep PyTorch defaults.
+        if isinstance(module, InteractionUnit):
+            module.reset_parameters()
+
+
+class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixin):
+    """PIIP vision tower + projector + causal LM, with `generate()` and KV cache."""
+
+    def __init__(self, config: PiipLlavaConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = PiipVisionTower(config.vision_config)
+        self.multi_modal_projector = build_projector(config, self.vision_tower.out_dims)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # ---- plumbing expected by transformers / peft / the trainer ----
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        self.vision_tower.set_grad_checkpointing(enable)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the LLM layers (HF) and the branch blocks (ours)."""
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.vision_tower.set_grad_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.language_model.gradient_checkpointing_disable()
+        self.vision_tower.set_grad_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.language_model.is_gradient_checkpointing
+
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Named parameters split into `branches`, `interactions`, `projector`, `llm` (for separate LRs / freezing)."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"branches": [], "interactions": [], "projector": [], "llm": []}
+        for name, p in self.named_parameters():
+            if name.startswith("vision_tower.interactions."):
+                groups["interactions"].append((name, p))
+            elif name.startswith("vision_tower."):
+                groups["branches"].append((name, p))
+            elif name.startswith("multi_modal_projector."):
+                groups["projector"].append((name, p))
+            else:
+                groups["llm"].append((name, p))
+        return groups
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that get no weight decay: biases, norms, gates, position/class embeddings."""
+        out = set()
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if (
+                p.ndim <= 1
+                or leaf in ("ca_weight", "cffn_weight", "class_embedding", "cls_token", "position_embeddings")
+                or "position_embedding" in name
+            ):
+                out.add(name)
+        return out
+
+    # ---- forward ----
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, 3, R, R) -> visual tokens (N, num_image_tokens, D)."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """input_ids (B, L) with `image_token_id` at visual-token positions; pixel_values (N, 3, R, R) for the N
+        images of the batch in order of appearance; labels (B, L) with -100 where not supervised."""
+        if inputs_embeds is None:
+            image_mask = input_ids == self.config.image_token_id
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+            has_images = pixel_values is not None and pixel_values.shape[0] > 0
+            n_tokens = int(image_mask.sum())  # the one host sync of the forward: validates the splice
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            decoding = cache is not None and cache.get_seq_length() > 0
+            if has_images and not (decoding and n_tokens == 0):
+                features = self.get_image_features(pixel_values)  # (N, T, D)
+                expected = features.shape[0] * features.shape[1]
+                if n_tokens != expected:
+                    raise ValueError(
+                        f"the batch has {n_tokens} image-token positions but {features.shape[0]} images x "
+                        f"{features.shape[1]} visual tokens = {expected}; each <image> must be expanded to "
+                        f"{features.shape[1]} tokens (see expand_image_tokens) and match one image"
+                    )
+                inputs_embeds = inputs_embeds.masked_scatter(
+                    image_mask.unsqueeze(-1), features.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
+                )
+            elif n_tokens and not decoding:
+                raise ValueError(f"the batch has {n_tokens} image-token positions but no pixel_values")
+            elif self.training and not has_images:
+                # Text-only batch: run the tower on a blank image and add a zero contribution, so every rank
+                # uses every parameter (DDP) and ZeRO-3 gathers the same modules on all ranks.
+                size = self.config.vision_config.image_size
+                blank = inputs_embeds.new_zeros(1, 3, size, size)
+                inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(blank).sum().to(inputs_embeds.dtype)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, **kwargs):
+        """Pass `pixel_values` on the prefill step only (later steps read the KV cache)."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
+        first = kwargs.get("is_first_iteration")
+        if first is None:
+            first = cache is None or cache.get_seq_length() == 0
+        if first or not kwargs.get("use_cache", True):
+            model_inputs["pixel_values"] = pixel_values
+        else:
+            model_inputs.pop("pixel_values", None)
+        return model_inputs
