@@ -40,7 +40,11 @@ class MaskingError(ValueError):
 
 
 class ConversationFormatError(ValueError):
-    """The conversation itself is malformed (roles do not alternate, no assistant turn, too many image tags, ...)."""
+    """The conversation itself is malformed; `reason` is a short key (`schema`, `no_assistant_turn`, `image_tags`)."""
+
+    def __init__(self, message: str, reason: str = "schema"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ def _rounds_from_llava(conversations: Sequence[dict], has_image: bool) -> list[t
     if len(turns) % 2 == 1:  # a trailing question without answer teaches nothing
         turns = turns[:-1]
     if not turns:
-        raise ConversationFormatError("no assistant turn")
+        raise ConversationFormatError("no assistant turn", reason="no_assistant_turn")
     rounds = []
     num_tags = 0
     for i in range(0, len(turns), 2):
@@ -249,7 +253,7 @@ def _rounds_from_llava(conversations: Sequence[dict], has_image: bool) -> list[t
                 user = user.replace(IMAGE_PLACEHOLDER, "").strip()
         rounds.append((user, g["value"]))
     if num_tags > 1:
-        raise ConversationFormatError(f"{num_tags} {IMAGE_PLACEHOLDER} tags for one image")
+        raise ConversationFormatError(f"{num_tags} {IMAGE_PLACEHOLDER} tags for one image", reason="image_tags")
     return rounds
 
 
