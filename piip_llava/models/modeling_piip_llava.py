@@ -223,6 +223,10 @@ class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixi
 
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, **kwargs):
         """Pass `pixel_values` on the prefill step only (later steps read the KV cache)."""
+        attention_mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and attention_mask is not None and attention_mask.ndim == 2:
+            # positions count real tokens only, so left-padded rows match their unpadded selves
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
         first = kwargs.get("is_first_iteration")

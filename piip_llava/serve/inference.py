@@ -1,0 +1,247 @@
+"""Inference engine shared by the CLI, the Gradio demo, the OpenAI-compatible API and evaluation.
+
+Loads a checkpoint of this project (or a LoRA adapter on top of one), picks device and dtype (CUDA bf16/fp16, CPU
+fp32) unless told, and generates for batches of chat requests with left padding and the KV cache, or streams the
+tokens of one request. Prompts use the model's conversation template; stop strings end generation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..constants import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.conversation import ConversationTemplate, get_template, tokenize_prompt
+from ..data.tokenizer import load_tokenizer
+from ..models import PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor, expand_image_tokens, load_image
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (with its visual tokens and the requested new tokens) does not fit the model's context."""
+
+
+@dataclass
+class ChatRequest:
+    """One conversation to continue: messages [{"role": "system"|"user"|"assistant", "content": str}] ending
+    with a user message, and at most one image (it belongs to the first user turn)."""
+
+    messages: list[dict[str, str]]
+    image: Image.Image | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """Default: CUDA with bf16 (fp16 where bf16 is unsupported), else CPU fp32."""
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
+    if dtype is None:
+        if dev.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    return dev, dtype
+
+
+class InferenceEngine:
+    """A loaded model + tokenizer + image processor + template."""
+
+    def __init__(self, model: PiipLlavaForConditionalGeneration, tokenizer, template: str | ConversationTemplate | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.template = get_template(template or self.config.conversation_template)
+        self.image_processor = PiipLlavaImageProcessor.from_config(self.config)
+        self.max_image_pixels = max_image_pixels
+        self.device = next(model.parameters()).device
+        self.max_context = int(getattr(self.config.text_config, "max_position_embeddings", 2048))
+        if getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < 1e9:
+            self.max_context = min(self.max_context, int(tokenizer.model_max_length))
+        self._lock = threading.Lock()  # generate() is not re-entrant on one model
+
+    @classmethod
+    def load(cls, model_path: str, device: str | None = None, dtype: str | torch.dtype | None = None,
+             template: str | None = None, lora_base: str | None = None, load_in_4bit: bool = False,
+             load_in_8bit: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> InferenceEngine:
+        """Load a checkpoint directory of this project, a LoRA adapter directory (`adapter_config.json`; the base is
+        `lora_base` or the adapter's `base_model_name_or_path`), or an official OpenGVLab checkpoint
+        (`model_type: llava_llama`, converted on the fly)."""
+        dev, dt = pick_device_dtype(device, dtype)
+        kwargs: dict[str, Any] = {"dtype": dt}
+        if load_in_4bit or load_in_8bit:
+            if dev.type != "cuda":
+                raise ValueError("4/8-bit loading needs a CUDA GPU (bitsandbytes)")
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=dt,
+                llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+            )
+        adapter_cfg = os.path.join(model_path, "adapter_config.json")
+        tokenizer_path = model_path
+        if os.path.isfile(adapter_cfg):
+            from peft import PeftModel
+
+            with open(adapter_cfg, encoding="utf-8") as f:
+                base = lora_base or json.load(f).get("base_model_name_or_path")
+            if not base:
+                raise ValueError(f"{adapter_cfg} names no base model; pass lora_base")
+            model = PiipLlavaForConditionalGeneration.from_pretrained(base, **kwargs)
+            model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
+            if not os.path.isfile(os.path.join(model_path, "tokenizer_config.json")):
+                tokenizer_path = base
+        elif _is_official_checkpoint(model_path):
+            from ..models.convert_official import load_official_checkpoint
+
+            model = load_official_checkpoint(model_path).to(dt)
+        else:
+            model = PiipLlavaForConditionalGeneration.from_pretrained(model_path, **kwargs)
+        if "quantization_config" not in kwargs:
+            model = model.to(dev)
+        tokenizer = load_tokenizer(tokenizer_path, padding_side="left")
+        return cls(model, tokenizer, template, max_image_pixels)
+
+    # ---- prompt building ----
+    def open_image(self, source: str | bytes | Image.Image) -> Image.Image:
+        """Path / bytes / PIL -> RGB image, refusing files over the pixel limit (ImageLoadError)."""
+        return load_image(source, self.max_image_pixels)
+
+    def prompt_ids(self, request: ChatRequest) -> list[int]:
+        ids = tokenize_prompt(request.messages, self.tokenizer, self.template, request.image is not None,
+                              self.config.image_token_id)
+        ids, _ = expand_image_tokens(ids, None, self.config.image_token_id, self.config.num_image_tokens)
+        return ids
+
+    def fit_messages(self, request: ChatRequest, max_new_tokens: int) -> tuple[ChatRequest, bool]:
+        """Drop the oldest user/assistant rounds until the prompt fits the context; return (request, truncated).
+
+        Raises PromptTooLongError when even the last user message alone does not fit.
+        """
+        messages = list(request.messages)
+        system = [messages.pop(0)] if messages and messages[0]["role"] == "system" else []
+        truncated = False
+        while True:
+            candidate = ChatRequest(system + messages, request.image, request.extra)
+            n = len(self.prompt_ids(candidate))
+            if n + max_new_tokens <= self.max_context:
+                return candidate, truncated
+            if len(messages) <= 1:
+                raise PromptTooLongError(
+                    f"the prompt needs {n} tokens (with {self.config.num_image_tokens if request.image else 0} visual "
+                    f"tokens) + {max_new_tokens} new tokens, over the model's context of {self.max_context}"
+                )
+            messages = messages[2:]
+            truncated = True
+
+    def prepare(self, requests: Sequence[ChatRequest]) -> dict[str, torch.Tensor]:
+        """Left-padded batch: input_ids, attention_mask, pixel_values (images in request order)."""
+        seqs = [self.prompt_ids(r) for r in requests]
+        length = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, length - len(s):] = torch.tensor(s)
+            attention_mask[i, length - len(s):] = 1
+        batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        images = [r.image for r in requests if r.image is not None]
+        if images:
+            dtype = next(self.model.parameters()).dtype
+            batch["pixel_values"] = self.image_processor(images).to(self.device, dtype)
+        return batch
+
+    def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float,
+                           stop: Sequence[str] | None) -> dict[str, Any]:
+        eos = [self.tokenizer.eos_token_id]
+        stops = [s for s in [self.template.stop_str, *(stop or [])] if s]
+        for s in stops:
+            tid = self.tokenizer.convert_tokens_to_ids(s)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid not in eos:
+                eos.append(tid)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": self.tokenizer.pad_token_id,
+            "do_sample": temperature > 0, "use_cache": True,
+        }
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _cut(self, text: str, stop: Sequence[str] | None) -> str:
+        for s in [self.template.stop_str, *(stop or [])]:
+            if s and s in text:
+                text = text[: text.index(s)]
+        return text.strip()
+
+    # ---- generation ----
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[ChatRequest], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: Sequence[str] | None = None) -> list[str]:
+        """Batched generation; greedy when temperature == 0 (identical to batch size 1)."""
+        if not requests:
+            return []
+        batch = self.prepare(requests)
+        with self._lock:
+            out = self.model.generate(**batch, **self._generation_kwargs(max_new_tokens, temperature, top_p, stop))
+        new = out[:, batch["input_ids"].shape[1]:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [self._cut(t, stop) for t in texts]
+
+    def stream(self, request: ChatRequest, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               stop: Sequence[str] | None = None) -> Iterator[str]:
+        """Yield text deltas of one request as they are generated; the concatenation equals `generate()`'s text."""
+        from transformers import TextIteratorStreamer
+
+        batch = self.prepare([request])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        kwargs = dict(batch, streamer=streamer, **self._generation_kwargs(max_new_tokens, temperature, top_p, stop))
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as e:  # surfaced to the consumer below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        text, emitted = "", ""
+        hold = max((len(s) - 1 for s in [self.template.stop_str, *(stop or [])] if s), default=0)
+        for piece in streamer:
+            text += piece
+            visible = self._cut(text, stop) if self._stopped(text, stop) else text.lstrip()
+            if self._stopped(text, stop):
+                break
+            # hold back trailing whitespace and a tail that could be the start of a stop string
+            safe = visible.rstrip()[: max(len(emitted), len(visible.rstrip()) - hold)]
+            if len(safe) > len(emitted):
+                yield safe[len(emitted):]
+                emitted = safe
+        thread.join()
+        if errors:
+            raise errors[0]
+        final = self._cut(text, stop)
+        if final.startswith(emitted) and len(final) > len(emitted):
+            yield final[len(emitted):]
+
+    def _stopped(self, text: str, stop: Sequence[str] | None) -> bool:
+        return any(s and s in text for s in [self.template.stop_str, *(stop or [])])
+
+
+def _is_official_checkpoint(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg, encoding="utf-8") as f:
+        return json.load(f).get("model_type") == "llava_llama"
