@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 import os
@@ -34,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from piip_llava.constants import DEFAULT_MAX_IMAGE_PIXELS
+from piip_llava.models.processing_piip_llava import load_image
 
 __all__ = [
-    "ChatRequestLike",
     "GenerationEngine",
     "QuestionRecord",
     "ShardSpec",
@@ -61,14 +60,6 @@ class GenerationEngine(Protocol):
     """What the runner needs from an inference engine."""
 
     def generate(self, requests: list, **gen_kwargs: Any) -> list[str]: ...
-
-
-@dataclass
-class ChatRequestLike:
-    """Fallback request object with the fields of ``piip_llava.serve.inference.ChatRequest``."""
-
-    messages: list[dict]
-    image: Image.Image | None = None
 
 
 @dataclass
@@ -138,25 +129,14 @@ def chunk_answers_path(answers_path: str | os.PathLike, shard: ShardSpec) -> Pat
 # ---------------------------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------------------------
-def _finish_image(img: Image.Image, source: str, max_pixels: int) -> Image.Image:
-    if img.width * img.height > max_pixels:
-        raise ValueError(f"{source}: image has {img.width * img.height} pixels, over the limit {max_pixels}")
-    img.load()
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
-
-
 def image_from_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageLoader:
-    """A loader that opens ``path`` lazily (RGB, EXIF-rotated); raises with the path in the message."""
+    """A loader that opens ``path`` lazily with the project's ``load_image`` (RGB, EXIF-rotated, pixel limit);
+    it raises ``FileNotFoundError``/``ImageLoadError`` (a ValueError) naming the path."""
 
     def load() -> Image.Image:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as img:
-                return _finish_image(img, str(path), max_pixels)
-        except (OSError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"cannot decode image {path}: {exc}") from exc
+        return load_image(os.fspath(path), max_pixels)
 
     return load
 
@@ -168,9 +148,8 @@ def image_from_base64(data: str, source: str = "base64 image",
     def load() -> Image.Image:
         try:
             raw = base64.b64decode(data, validate=False)
-            with Image.open(io.BytesIO(raw)) as img:
-                return _finish_image(img, source, max_pixels)
-        except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as exc:
+            return load_image(raw, max_pixels)
+        except (binascii.Error, ValueError) as exc:
             raise ValueError(f"{source}: undecodable base64 image ({exc})") from exc
 
     return load
@@ -235,10 +214,8 @@ def _write_lines(f, lines: Iterable[dict]) -> None:
 
 
 def _make_request(message: str, image: Image.Image | None):
-    try:
-        from piip_llava.serve.inference import ChatRequest
-    except ImportError:  # engine not importable (unit tests with a fake engine)
-        ChatRequest = ChatRequestLike
+    from piip_llava.serve.inference import ChatRequest
+
     return ChatRequest(messages=[{"role": "user", "content": message}], image=image)
 
 
