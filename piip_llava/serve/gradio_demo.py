@@ -1,0 +1,213 @@
+"""Gradio web demo: chat with a PIIP-LLaVA checkpoint about an uploaded image.
+
+    python -m piip_llava.serve.gradio_demo --model PATH [--host 127.0.0.1 --port 7860 --share --concurrency 4]
+
+Image upload (changing the image restarts the conversation), multi-turn chat with streamed answers, temperature /
+top-p / max-new-tokens controls, regenerate, clear, example images from `piip_llava/serve/examples/`. When a
+conversation no longer fits the context, the oldest turns are dropped for the model and a notice says so. Bad input
+(a file that is not an image, an image over the pixel limit, an empty message, a single message over the context)
+shows an error and the app keeps serving.
+
+`build_demo(engine)` returns the queued `gr.Blocks`; the named endpoint `/chat` (message, image, history,
+temperature, top_p, max_new_tokens) -> (history, cleared textbox, notice) is callable with `gradio_client`.
+Generation itself is serialised by the engine; the queue lets several users wait and stream in turn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+from PIL import Image, ImageDraw
+
+from ..models.processing_piip_llava import ImageLoadError
+from .inference import ChatRequest, InferenceEngine, PromptTooLongError
+
+EXAMPLES_DIR = os.path.join(os.path.dirname(__file__), "examples")
+TITLE = "# PIIP-LLaVA\nUpload an image, then chat about it. Changing the image starts a new conversation."
+
+History = list[dict[str, Any]]
+Outputs = tuple[History, str, str]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def content_text(content: Any) -> str:
+    """Text of a chatbot message's content: a string, a `{"type": "text", "text": ...}` part, or a list of parts
+    (gradio 6 sends lists of parts; file parts carry no text)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or "") if content.get("type", "text") == "text" else ""
+    if isinstance(content, list | tuple):
+        return "".join(content_text(c) for c in content)
+    return ""
+
+
+def history_to_messages(history: History | None) -> list[dict[str, str]]:
+    """Chatbot history -> alternating user/assistant messages (other roles and empty user turns are skipped)."""
+    messages: list[dict[str, str]] = []
+    for m in history or []:
+        role, text = m.get("role"), content_text(m.get("content"))
+        if role == "user" and text.strip():
+            if messages and messages[-1]["role"] == "user":  # an unanswered turn: keep the newest question
+                messages.pop()
+            messages.append({"role": "user", "content": text})
+        elif role == "assistant" and messages and messages[-1]["role"] == "user":
+            messages.append({"role": "assistant", "content": text})
+    if messages and messages[-1]["role"] == "user":
+        messages.pop()
+    return messages
+
+
+def example_rows() -> list[list[str]]:
+    """[[image path, question], ...] from `examples/examples.json`; generated placeholders when the folder is empty."""
+    index = os.path.join(EXAMPLES_DIR, "examples.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            rows = [[os.path.join(EXAMPLES_DIR, e["image"]), e["question"]] for e in json.load(f)]
+        rows = [r for r in rows if os.path.isfile(r[0])]
+        if rows:
+            return rows
+    out = tempfile.mkdtemp(prefix="piip_llava_examples_")
+    rows = []
+    for name, colour, question in [("red_square", (220, 40, 40), "What colour is the square?"),
+                                   ("blue_circle", (40, 80, 220), "What shape is in the picture?")]:
+        image = Image.new("RGB", (256, 256), (245, 245, 245))
+        draw = ImageDraw.Draw(image)
+        if "circle" in name:
+            draw.ellipse((48, 48, 208, 208), fill=colour)
+        else:
+            draw.rectangle((48, 48, 208, 208), fill=colour)
+        path = os.path.join(out, f"{name}.png")
+        image.save(path)
+        rows.append([path, question])
+    return rows
+
+
+class DemoHandlers:
+    """Event handlers bound to one engine. Inputs arrive unpreprocessed (`preprocess=False`) so that the image file
+    is opened by `engine.open_image` (pixel limit, clear error for non-images) rather than by Gradio."""
+
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.engine = engine
+
+    def _image(self, payload: Any) -> Image.Image | None:
+        if payload is None:
+            return None
+        path = payload.get("path") if isinstance(payload, dict) else str(payload)
+        name = (payload.get("orig_name") if isinstance(payload, dict) else None) or os.path.basename(str(path))
+        if not path:
+            return None
+        try:
+            return self.engine.open_image(path)
+        except ImageLoadError as e:
+            reason = str(e).replace(str(path), name)
+            raise gr.Error(f"Cannot use the uploaded file {name}: {reason}", title="Invalid image", print_exception=False) from e
+
+    def chat(self, message: str | None, image: Any, history: History | None, temperature: float, top_p: float,
+             max_new_tokens: float) -> Iterator[Outputs]:
+        text = (message or "").strip()
+        if not text:
+            raise gr.Error("Type a message first.", title="Empty message", print_exception=False)
+        pil = self._image(image)
+        past = history_to_messages(history)
+        messages = [*past, {"role": "user", "content": text}]
+        max_new = int(max_new_tokens)
+        try:
+            request, truncated = self.engine.fit_messages(ChatRequest(messages, pil), max_new)
+        except PromptTooLongError as e:
+            raise gr.Error(f"This message is too long for the model: {e}. Shorten it or lower max new tokens.",
+                           title="Message too long",
+                           print_exception=False) from e
+        notice = ""
+        if truncated:
+            dropped = (len(messages) - len(request.messages)) // 2
+            notice = (f"⚠️ The conversation was truncated to fit the model's context of {self.engine.max_context} "
+                      f"tokens: the oldest {dropped} turn(s) are no longer seen by the model.")
+            gr.Warning(notice)
+        shown: History = [*past, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        yield shown, "", notice
+        answer = ""
+        for delta in self.engine.stream(request, max_new, float(temperature), float(top_p)):
+            answer += delta
+            shown[-1] = {"role": "assistant", "content": answer}
+            yield shown, "", notice
+        if not answer:
+            shown[-1] = {"role": "assistant", "content": "(the model gave an empty answer)"}
+            yield shown, "", notice
+
+    def regenerate(self, image: Any, history: History | None, temperature: float, top_p: float,
+                   max_new_tokens: float) -> Iterator[Outputs]:
+        """Answer the last user message again (drops the last answer)."""
+        turns = [m for m in (history or []) if m.get("role") in ("user", "assistant")]
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        if not turns:
+            raise gr.Error("Nothing to regenerate yet.", title="Empty conversation", print_exception=False)
+        last = content_text(turns.pop()["content"])
+        yield from self.chat(last, image, turns, temperature, top_p, max_new_tokens)
+
+
+# ------------------------------------------------------------------------------------------------- app
+def build_demo(engine: InferenceEngine, concurrency_limit: int = 4, max_new_tokens: int = 512) -> gr.Blocks:
+    """The demo as a queued `gr.Blocks`; launch it with `.launch(...)`."""
+    h = DemoHandlers(engine)
+    with gr.Blocks(title="PIIP-LLaVA", analytics_enabled=False) as demo:
+        gr.Markdown(TITLE)
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=300)
+                with gr.Accordion("Parameters", open=False):
+                    temperature = gr.Slider(0.0, 1.5, value=0.2, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Top-p")
+                    max_new = gr.Slider(1, max(1, min(2048, engine.max_context - 1)),
+                                        value=min(max_new_tokens, engine.max_context - 1), step=1,
+                                        label="Max new tokens")
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="Chat", height=460)
+                notice = gr.Markdown("", label="Notice", elem_id="notice")
+                with gr.Row():
+                    textbox = gr.Textbox(label="Message", placeholder="Ask about the image and press Enter",
+                                         scale=5, autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1)
+                with gr.Row():
+                    regenerate = gr.Button("Regenerate")
+                    clear = gr.Button("Clear")
+        gr.Examples(examples=example_rows(), inputs=[image, textbox], label="Examples")
+
+        params = [temperature, top_p, max_new]
+        outputs = [chatbot, textbox, notice]
+        send.click(h.chat, [textbox, image, chatbot, *params], outputs, api_name="chat", preprocess=False)
+        textbox.submit(h.chat, [textbox, image, chatbot, *params], outputs, api_visibility="private",
+                       preprocess=False)
+        regenerate.click(h.regenerate, [image, chatbot, *params], outputs, api_name="regenerate", preprocess=False)
+        clear.click(lambda: ([], "", None, ""), None, [chatbot, textbox, image, notice], api_name="clear")
+        image.change(lambda: ([], ""), None, [chatbot, notice], api_visibility="private")
+    demo.queue(default_concurrency_limit=concurrency_limit)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import add_engine_args, load_engine
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_engine_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the demo)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="public gradio.live link")
+    parser.add_argument("--concurrency", type=int, default=4, help="users served at once (generation is serialised)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="initial value of the slider")
+    args = parser.parse_args(argv)
+    engine = load_engine(args)
+    demo = build_demo(engine, concurrency_limit=args.concurrency, max_new_tokens=args.max_new_tokens)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
