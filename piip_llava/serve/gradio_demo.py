@@ -107,7 +107,8 @@ class DemoHandlers:
             return self.engine.open_image(path)
         except ImageLoadError as e:
             reason = str(e).replace(str(path), name)
-            raise gr.Error(f"Cannot use the uploaded file {name}: {reason}", title="Invalid image", print_exception=False) from e
+            raise gr.Error(f"Cannot use the uploaded file {name}: {reason}", title="Invalid image",
+                           print_exception=False) from e
 
     def chat(self, message: str | None, image: Any, history: History | None, temperature: float, top_p: float,
              max_new_tokens: float) -> Iterator[Outputs]:
@@ -154,8 +155,9 @@ class DemoHandlers:
 
 
 # ------------------------------------------------------------------------------------------------- app
-def build_demo(engine: InferenceEngine, concurrency_limit: int = 4, max_new_tokens: int = 512) -> gr.Blocks:
-    """The demo as a queued `gr.Blocks`; launch it with `.launch(...)`."""
+def build_demo(engine: InferenceEngine, concurrency_limit: int = 4, max_new_tokens: int = 512,
+               temperature: float = 0.2, top_p: float = 0.7) -> gr.Blocks:
+    """The demo as a queued `gr.Blocks`; launch it with `.launch(...)`. The numbers are the sliders' initial values."""
     h = DemoHandlers(engine)
     with gr.Blocks(title="PIIP-LLaVA", analytics_enabled=False) as demo:
         gr.Markdown(TITLE)
@@ -163,8 +165,8 @@ def build_demo(engine: InferenceEngine, concurrency_limit: int = 4, max_new_toke
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=300)
                 with gr.Accordion("Parameters", open=False):
-                    temperature = gr.Slider(0.0, 1.5, value=0.2, step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Top-p")
+                    temperature = gr.Slider(0.0, 1.5, value=temperature, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="Top-p")
                     max_new = gr.Slider(1, max(1, min(2048, engine.max_context - 1)),
                                         value=min(max_new_tokens, engine.max_context - 1), step=1,
                                         label="Max new tokens")
@@ -201,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=4, help="users served at once (generation is serialised)")
+    parser.add_argument("--temperature", type=float, default=0.2, help="initial value of the slider (0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=0.7, help="initial value of the slider")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="initial value of the slider")
     args = parser.parse_args(argv)
     engine = load_engine(args)
-    demo = build_demo(engine, concurrency_limit=args.concurrency, max_new_tokens=args.max_new_tokens)
+    demo = build_demo(engine, concurrency_limit=args.concurrency, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ class InferenceEngine:
         if getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < 1e9:
             self.max_context = min(self.max_context, int(tokenizer.model_max_length))
         self._lock = threading.Lock()  # generate() is not re-entrant on one model
+        self._byte_token_ids = {i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)}
 
     @classmethod
     def load(cls, model_path: str, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -198,11 +201,30 @@ class InferenceEngine:
 
     def stream(self, request: ChatRequest, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                stop: Sequence[str] | None = None) -> Iterator[str]:
-        """Yield text deltas of one request as they are generated; the concatenation equals `generate()`'s text."""
-        from transformers import TextIteratorStreamer
+        """Yield text deltas of one request as they are generated; the concatenation equals `generate()`'s text.
+
+        The text is re-decoded from all new token ids at each step (not pieced together from per-token strings) and
+        only emitted at points where later tokens cannot change it: not inside a run of SentencePiece byte-fallback
+        tokens (`<0xE2>`...; an invalid run decodes to one U+FFFD per byte, so a later byte can turn text already
+        decoded into replacement characters) and not on a trailing incomplete UTF-8 character.
+        """
+        from transformers.generation.streamers import BaseStreamer
+
+        class TokenQueue(BaseStreamer):  # generate() pushes the prompt once, then each new token
+            def __init__(self) -> None:
+                self.queue: queue.Queue[list[int] | None] = queue.Queue()
+                self.prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if self.prompt_seen:
+                    self.queue.put(value.reshape(-1).tolist())
+                self.prompt_seen = True
+
+            def end(self) -> None:
+                self.queue.put(None)
 
         batch = self.prepare([request])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = TokenQueue()
         kwargs = dict(batch, streamer=streamer, **self._generation_kwargs(max_new_tokens, temperature, top_p, stop))
         errors: list[BaseException] = []
 
@@ -216,22 +238,28 @@ class InferenceEngine:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        text, emitted = "", ""
+        ids: list[int] = []
+        emitted = ""
         hold = max((len(s) - 1 for s in [self.template.stop_str, *(stop or [])] if s), default=0)
-        for piece in streamer:
-            text += piece
-            visible = self._cut(text, stop) if self._stopped(text, stop) else text.lstrip()
+        while (item := streamer.queue.get(timeout=600)) is not None:
+            ids.extend(item)
+            if ids[-1] in self._byte_token_ids:
+                continue
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue
             if self._stopped(text, stop):
                 break
             # hold back trailing whitespace and a tail that could be the start of a stop string
-            safe = visible.rstrip()[: max(len(emitted), len(visible.rstrip()) - hold)]
-            if len(safe) > len(emitted):
+            visible = text.lstrip().rstrip()
+            safe = visible[: max(len(emitted), len(visible) - hold)]
+            if len(safe) > len(emitted) and safe.startswith(emitted):
                 yield safe[len(emitted):]
                 emitted = safe
         thread.join()
         if errors:
             raise errors[0]
-        final = self._cut(text, stop)
+        final = self._cut(self.tokenizer.decode(ids, skip_special_tokens=True), stop)
         if final.startswith(emitted) and len(final) > len(emitted):
             yield final[len(emitted):]
 
