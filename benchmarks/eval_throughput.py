@@ -1,0 +1,78 @@
+"""Evaluation throughput: questions/s of the shared eval runner at batch sizes 1 and 16 on a tiny checkpoint.
+
+    python benchmarks/eval_throughput.py [--preset tiny-piip2_clip_64-128] [--num-questions 64] [--max-new-tokens 16]
+
+Builds a random tiny checkpoint (no download), asks TextVQA-style questions with non-square images through
+``run_generation`` (greedy, the benchmark protocol) and prints questions/s per batch size, the speed-up of the
+largest batch over batch 1, and whether the greedy answers are identical across batch sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if importlib.util.find_spec("piip_llava") is None:  # python benchmarks/X.py from a checkout without pip install -e .
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny-piip2_clip_64-128")
+    parser.add_argument("--checkpoint", help="use this checkpoint instead of building a tiny one")
+    parser.add_argument("--num-questions", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--min-speedup", type=float, default=None,
+                        help="exit 1 when the largest batch is less than this many times faster than the smallest")
+    args = parser.parse_args(argv)
+
+    import torch
+    from PIL import Image
+
+    from piip_llava.evaluation.runner import QuestionRecord, read_answers, run_generation
+    from piip_llava.serve.inference import InferenceEngine
+    from piip_llava.testing import build_tiny_checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="eval_throughput_"))
+    ckpt = args.checkpoint or build_tiny_checkpoint(str(tmp / "ckpt"), preset=args.preset)
+    engine = InferenceEngine.load(ckpt, device=args.device, dtype=args.dtype)
+    images = [Image.new("RGB", (64 + 8 * (i % 5), 48), (37 * i % 256, 91 * i % 256, 53 * i % 256))
+              for i in range(args.num_questions)]
+    questions = [QuestionRecord(question_id=f"q{i}", prompt=f"What is written on sign {i}?\nAnswer the question "
+                                "using a single word or phrase.",
+                                message=f"What is written on sign {i}?\nAnswer the question using a single word "
+                                        "or phrase.",
+                                image=(lambda im=im: im)) for i, im in enumerate(images)]
+    gen_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
+    run_generation(questions[:2], engine, tmp / "warmup.jsonl", batch_size=2, gen_kwargs=gen_kwargs, progress=False)
+
+    print(f"device={engine.device} dtype={next(engine.model.parameters()).dtype} threads={torch.get_num_threads()} "
+          f"preset={args.preset if not args.checkpoint else args.checkpoint} questions={args.num_questions} "
+          f"max_new_tokens={args.max_new_tokens}")
+    rates, texts = {}, {}
+    for bs in args.batch_sizes:
+        out = tmp / f"answers_bs{bs}.jsonl"
+        t0 = time.perf_counter()
+        run_generation(questions, engine, out, batch_size=bs, gen_kwargs=gen_kwargs, progress=False)
+        elapsed = time.perf_counter() - t0
+        rates[bs] = args.num_questions / elapsed
+        texts[bs] = [r["text"] for r in read_answers(out)]
+        print(f"batch {bs:>3}: {rates[bs]:8.2f} questions/s ({elapsed:.1f} s)")
+    lo, hi = min(args.batch_sizes), max(args.batch_sizes)
+    speedup = rates[hi] / rates[lo]
+    identical = all(t == texts[lo] for t in texts.values())
+    print(f"speed-up batch {hi} vs {lo}: {speedup:.2f}x; greedy answers identical across batch sizes: {identical}")
+    if args.min_speedup is not None and speedup < args.min_speedup:
+        print(f"FAIL: speed-up {speedup:.2f}x < {args.min_speedup}x")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
