@@ -90,3 +90,24 @@ def test_mmbench_cli_end_to_end_sharded(tiny_ckpt, mmbench_fixture, tmp_path, ca
     assert main(["--question-file", str(fx["tsv"]), "--answers-file", str(sharded), "--merge-chunks", "2",
                  "--score"]) == 0
     assert [(r["question_id"], r["text"]) for r in read_answers(sharded)] == [(r["question_id"], r["text"]) for r in recs]
+
+
+def test_eval_all_script_runs_present_benchmarks_and_skips_others(tiny_ckpt, textvqa_fixture, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = textvqa_fixture["root"].parent  # <tmp>/textvqa/... is the LLaVA layout
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, EVAL_ARGS="--max-new-tokens 2 --batch-size 16 --no-progress")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "eval_all.sh"), tiny_ckpt, str(data), str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("mmbench", "pope", "gqa", "scienceqa", "seed", "vqav2", "mmvet"):
+        assert f"skip {name}: " in proc.stdout
+    assert "skip textvqa" not in proc.stdout
+    score = json.loads((out / "textvqa_summary.json").read_text())["score"]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {Path(tiny_ckpt).name} |"))
+    assert row.split(" | ")[3] == f"{score:.1f}" and row.endswith("| - |")  # TextVQA column; no Avg
+    assert "| LLaVA-1.5 7B (CLIP-L 336) | 64.3 | 31.1 | 58.2 |" in proc.stdout
+    assert (out / "report.png").stat().st_size > 0 and (out / "report.csv").exists()
