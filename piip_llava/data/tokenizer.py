@@ -133,3 +133,31 @@ def load_tokenizer(path: str, model_max_length: int | None = None, padding_side:
         else:
             raise ValueError(f"tokenizer at {path!r} has neither unk nor eos token to use as padding")
     return tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m piip_llava.data.tokenizer --out DIR [--vocab-size N] [--from-llava A.json B.json ...]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train a small Llama-style SentencePiece tokenizer offline.")
+    parser.add_argument("--out", required=True, help="output folder (loadable with AutoTokenizer.from_pretrained)")
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--model-max-length", type=int, default=2048)
+    parser.add_argument("--from-llava", nargs="*", default=None,
+                        help="LLaVA-format JSON files whose conversation text (plus the built-in corpus) trains it")
+    args = parser.parse_args(argv)
+    texts = None
+    if args.from_llava:
+        texts = default_corpus()
+        for path in args.from_llava:
+            with open(path, encoding="utf-8") as f:
+                for record in json.load(f):
+                    texts.extend(turn["value"].replace(IMAGE_PLACEHOLDER, "") for turn in record["conversations"])
+    train_sentencepiece_tokenizer(args.out, args.vocab_size, texts, model_max_length=args.model_max_length)
+    tok = load_tokenizer(args.out)
+    print(f"tokenizer with {len(tok)} tokens written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
