@@ -188,7 +188,9 @@ def read_answers(path: str | os.PathLike, repair: bool = False) -> list[dict]:
         else:
             good_end = min(end, len(raw))
         offset = end
-    if repair and good_end < len(raw):
+    if repair and (good_end < len(raw) or (good_end and not raw.endswith(b"\n"))):
+        # drop the half-written tail; make sure appended lines start on a new line (LLaVA files may lack a
+        # final newline)
         with open(p, "r+b") as f:
             f.truncate(good_end)
             if good_end and not raw[:good_end].endswith(b"\n"):

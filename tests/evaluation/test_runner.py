@@ -129,3 +129,13 @@ def test_bad_line_in_middle_of_answers_file_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="a.jsonl:2"):
         read_answers(p)
     assert json.loads(p.read_text().splitlines()[0]) == {"question_id": 1}
+
+
+def test_resume_appends_after_file_without_final_newline(tmp_path):
+    qs = [QuestionRecord(i, f"p{i}", f"m{i}") for i in range(3)]
+    out = tmp_path / "a.jsonl"
+    out.write_text('{"question_id": 0, "prompt": "p0", "text": "old"}')  # e.g. written by another tool
+    eng = FakeEngine()
+    run_generation(qs, eng, out, progress=False)
+    assert eng.asked == ["m1", "m2"]
+    assert [(r["question_id"], r["text"]) for r in read_answers(out)] == [(0, "old"), (1, "2|None"), (2, "2|None")]
