@@ -1,0 +1,125 @@
+"""Train PIIP-LLaVA: stage 1 (projector alignment) or stage 2 (instruction tuning, full or LoRA/QLoRA).
+
+    python -m piip_llava.train [run.yaml] --stage 1 --preset NAME --tokenizer_path DIR --data_path F.json \
+        --image_folder DIR --output_dir OUT [--deepspeed scripts/zero2.json] [HF TrainingArguments ...]
+
+Launch multi-process with `torchrun` or `deepspeed` (see scripts/pretrain_piip_llava.sh). Stage 1 writes
+`OUT/mm_projector.safetensors` + `config.json`; stage 2 writes a full `save_pretrained` checkpoint (or a LoRA adapter
+folder with its `base/`) + tokenizer. `--resume auto` continues from the last `OUT/checkpoint-*`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
+from ..data.tokenizer import load_tokenizer
+from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor
+from .arguments import DataArguments, ModelArguments, PiipTrainingArguments, parse_args
+from .model_setup import apply_lora, build_training_model, save_stage1_weights, unwrap_piip
+from .trainer import PiipTrainer, ProgressLogCallback
+
+logger = logging.getLogger("piip_llava.train")
+
+
+def setup_logging(args: PiipTrainingArguments) -> None:
+    level = logging.INFO if args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    logging.getLogger("piip_llava").setLevel(level)
+
+
+def resolve_template_and_aspect(data_args: DataArguments, args: PiipTrainingArguments,
+                                config: PiipLlavaConfig) -> tuple[str, str]:
+    """Stage defaults (spec 3.1): stage 1 `plain` + `square`, stage 2 the config's (`vicuna_v1` + `pad`)."""
+    template = data_args.template or ("plain" if args.stage == 1 else config.conversation_template)
+    aspect = data_args.image_aspect_ratio or ("square" if args.stage == 1 else config.image_aspect_ratio)
+    return template, aspect
+
+
+def build_data(data_args: DataArguments, args: PiipTrainingArguments, config: PiipLlavaConfig, tokenizer):
+    template, aspect = resolve_template_and_aspect(data_args, args, config)
+    dataset = LazySupervisedDataset(
+        data_args.data_path, tokenizer, PiipLlavaImageProcessor.from_config(config, aspect), config.image_token_id,
+        config.num_image_tokens, image_folder=data_args.image_folder, template=template,
+        model_max_length=data_args.model_max_length, max_image_pixels=data_args.max_image_pixels,
+        progress=args.should_log)
+    collator = DataCollatorForSupervisedDataset(tokenizer.pad_token_id, data_args.model_max_length, report_skipped=True)
+    logger.info("data %s: %d records, template %s, images %s", data_args.data_path, len(dataset), template, aspect)
+    return dataset, collator
+
+
+def apply_gradient_checkpointing(model: PiipLlavaForConditionalGeneration, args: PiipTrainingArguments) -> None:
+    """LLM layers per `gradient_checkpointing`, branch blocks per `vision_gradient_checkpointing`.
+
+    Applied here rather than by the Trainer, whose toggle would always switch both on together; the flag is then
+    cleared so the Trainer does not toggle it again.
+    """
+    if args.llm_checkpointing:
+        llm = model.language_model
+        if hasattr(llm, "activation_checkpointing_enable"):
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs=args.checkpointing_kwargs)
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.checkpointing_kwargs)
+    model.vision_tower.set_grad_checkpointing(args.vision_gradient_checkpointing)
+    args.hand_checkpointing_to_model()
+
+
+def resolve_resume(args: PiipTrainingArguments) -> str | None:
+    """`--resume auto`: the last checkpoint in output_dir (None when there is none); else the given folder."""
+    if not args.resume:
+        return None
+    if args.resume != "auto":
+        return args.resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    logger.info("resume auto: %s", last or "no checkpoint yet, starting fresh")
+    return last
+
+
+def save_final(trainer: PiipTrainer, args: PiipTrainingArguments, tokenizer) -> str:
+    """Stage 1 (projector policies): projector weights + config; otherwise the whole model (or adapter) + tokenizer."""
+    out = args.output_dir
+    if args.stage == 1 and args.tune in ("projector", "projector+interactions"):
+        save_stage1_weights(trainer.model_wrapped, out, args.tune, trainer.args.should_save)
+        if trainer.args.should_save:
+            tokenizer.save_pretrained(out)
+    else:
+        trainer.save_model(out)  # gathers ZeRO-3 weights; saves the tokenizer (processing_class)
+    trainer.save_state()
+    return os.path.abspath(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, args = parse_args(argv)
+    setup_logging(args)
+    tokenizer = load_tokenizer(model_args.tokenizer_path, model_max_length=data_args.model_max_length)
+    model = build_training_model(model_args, args)
+    config = model.config
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ValueError(f"tokenizer {model_args.tokenizer_path} has {len(tokenizer)} tokens but the LLM vocabulary "
+                         f"is {config.text_config.vocab_size}")
+    if args.stage == 2:  # inference reads the template and the aspect mode the model was tuned with
+        config.conversation_template, config.image_aspect_ratio = resolve_template_and_aspect(data_args, args, config)
+    if args.tune == "lora":
+        model = apply_lora(model, model_args, args, tokenizer)
+    piip = unwrap_piip(model)
+    apply_gradient_checkpointing(piip, args)
+    dataset, collator = build_data(data_args, args, piip.config, tokenizer)
+    trainer = PiipTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
+        group_by_modality_length=data_args.group_by_modality_length,
+        module_lrs={"branches": args.vision_lr, "interactions": args.interaction_lr, "projector": args.projector_lr},
+        callbacks=[ProgressLogCallback()],
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(args))
+    out = save_final(trainer, args, tokenizer)
+    if args.should_log:
+        print(f"final checkpoint: {out}", flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
