@@ -83,9 +83,10 @@ class DeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(b, nq, m, k, 2)
         weights = self.attention_weights(query).view(b, nq, m, k).float().softmax(-1)
         hv, wv = feat_hw
-        normalizer = torch.tensor([wv, hv], dtype=torch.float32, device=query.device)
+        offsets = offsets.float()
+        offsets = torch.stack([offsets[..., 0] / wv, offsets[..., 1] / hv], dim=-1)  # in value-map cells; no host copy
         ref = reference_points(query_hw[0], query_hw[1], query.device)
-        locations = ref[None, :, None, None, :] + offsets.float() / normalizer
+        locations = ref[None, :, None, None, :] + offsets
         out = deformable_sample(value.float(), feat_hw, locations, weights).to(query.dtype)
         return self.output_proj(out)
 
