@@ -98,9 +98,17 @@ def load_mmbench_tsv(path: str | os.PathLike) -> tuple[list[MMBenchRow], list[di
     missing_cols = [c for c in required if c not in df.columns]
     if missing_cols:
         raise ValueError(f"{path}: missing column(s) {missing_cols}; columns are {list(df.columns)}")
+    records = df.to_dict("records")
+    # VLMEvalKit's re-hosted TSVs store, for repeated images, another row's index (<= 64 chars) instead of the
+    # base64 bytes; resolve those references (LLaVA's loader cannot and would fail on them).
+    full_images = {str(r.get("index")): r["image"] for r in records
+                   if isinstance(r.get("image"), str) and len(r["image"]) > 64}
     rows: list[MMBenchRow] = []
     errors: list[dict] = []
-    for i, rec in enumerate(df.to_dict("records")):
+    for i, rec in enumerate(records):
+        image = rec.get("image")
+        if isinstance(image, str) and len(image) <= 64 and image.strip() in full_images:
+            rec["image"] = full_images[image.strip()]
         raw_index = rec.get("index")
         try:
             index = int(raw_index)

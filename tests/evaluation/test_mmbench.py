@@ -132,3 +132,13 @@ def test_malformed_rows_are_recorded_with_row_index(tmp_path):
     assert qs[1].error and qs[2].error and qs[3].error is None
     with pytest.raises(ValueError, match="undecodable base64"):
         qs[3].image()
+
+
+def test_image_references_to_other_rows_are_resolved(tmp_path):
+    rows = mmbench_rows()[:4]
+    rows[2] = dict(rows[2], image=str(rows[0]["index"]))  # VLMEvalKit-style reference to row index 0
+    tsv = tmp_path / "ref.tsv"
+    write_tsv(tsv, rows)
+    good, errors = load_mmbench_tsv(tsv)
+    assert errors == [] and good[2].image_b64 == rows[0]["image"]
+    assert build_mmbench_questions(good)[2].image().size == (80, 60)
