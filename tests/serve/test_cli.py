@@ -1,0 +1,66 @@
+"""The terminal chat driven through its stdin in a subprocess: two turns, a too-long message, a bad /image, /image,
+/reset, /exit; and EOF ends a session cleanly."""
+import subprocess
+import sys
+
+from piip_llava.serve.inference import ChatRequest
+
+MAX_NEW = 12
+
+
+def answers(stdout: str) -> list[str]:
+    """Each answer is printed as `ASSISTANT: <text>\\n`; notices go to stderr, so stdout holds only answers."""
+    parts = stdout.split("ASSISTANT: ")
+    assert parts[0] == "", stdout
+    return [p[:-1] for p in parts[1:]]
+
+
+def test_cli_session(tiny_ckpt, engine, images):
+    script = "\n".join([
+        "hello there",
+        "word " * (engine.max_context + 50),  # over the context: refused, the conversation stays
+        f"/image {images['not_image']}",  # refused: image and conversation stay
+        "",  # empty line: ignored
+        "tell me more about <image>",
+        f"/image {images['blue']}",  # new image: new conversation
+        "what colour?",
+        "/reset",
+        "what colour?",
+        "/bogus",
+        "/exit",
+        "never read",
+    ]) + "\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "piip_llava.serve.cli", "--model", tiny_ckpt, "--image", images["red"],
+         "--temperature", "0", "--max-new-tokens", str(MAX_NEW), "--device", "cpu"],
+        input=script, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = answers(proc.stdout)
+
+    red, blue = engine.open_image(images["red"]), engine.open_image(images["blue"])
+
+    def gen(messages, image):
+        return engine.generate([ChatRequest(messages, image)], MAX_NEW, 0.0)[0]
+
+    u1, u2, u3 = "hello there", "tell me more about <image>", "what colour?"
+    a1 = gen([{"role": "user", "content": u1}], red)
+    a2 = gen([{"role": "user", "content": u1}, {"role": "assistant", "content": a1}, {"role": "user", "content": u2}],
+             red)
+    a3 = gen([{"role": "user", "content": u3}], blue)
+    assert got == [a1, a2, a3, a3]
+    assert len(set(got[:3])) == 3  # the turns really differ (history and image are used)
+    err = proc.stderr
+    assert "not a readable image" in err and "keeping the previous image" in err
+    assert f"image {images['blue']} (40x80) loaded; new conversation" in err
+    assert "conversation reset" in err
+    assert "message not sent" in err and "context" in err
+    assert "unknown command /bogus" in err
+    assert "Traceback" not in err
+
+
+
+def test_cli_eof_exits_cleanly(tiny_ckpt):
+    proc = subprocess.run([sys.executable, "-m", "piip_llava.serve.cli", "--model", tiny_ckpt, "--device", "cpu"],
+                          input="", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "" and "Traceback" not in proc.stderr
