@@ -1,0 +1,485 @@
+"""Convert a released OpenGVLab PIIP-LLaVA (or plain LLaVA-1.5) checkpoint into this project's format (spec §5).
+
+Input: a LLaVA-style folder (`config.json` with `model_type: llava_llama`, safetensors or `.bin` shards with or
+without an index, tokenizer files). Its `mm_vision_tower` names the official tower config, a Python file such as
+`configs/piip-llava_clip-bl_512-256_7B.py`; that file is **read, never executed**: `ast` extracts the literal
+`model = dict(...)` assignment. Branch architectures come from (a) a local folder named by the branch's
+`pretrained` entry (relative to the `.py` file or the working directory) holding a Hugging Face CLIP `config.json`
+or a timm `config.json`, (b) the built-in table of the official branch ids (taken from our presets), or (c) with
+`infer_from_weights=True` (`--infer-from-weights`), the tensor shapes of the checkpoint. Anything else is an error.
+
+Output: `PiipLlavaForConditionalGeneration.save_pretrained(DST)` (safetensors) + the tokenizer files. The load is
+strict: any missing or unexpected key aborts with the full list.
+
+    python -m piip_llava.models.convert_official SRC DST [--tower-config PATH] [--infer-from-weights]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from typing import Any
+
+import torch
+
+from .configuration_piip_llava import PiipLlavaConfig, PiipVisionConfig, load_preset, preset_names
+
+TOWER_PREFIX = "model.vision_tower.vision_tower."
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+# Llama fields of the LLaVA config.json that make up our text config.
+LLAMA_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "hidden_act",
+    "attention_bias", "mlp_bias", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+    "tie_word_embeddings", "head_dim",
+)
+# Non-persistent buffers that old transformers versions wrote into checkpoints; nothing else is dropped.
+NON_PERSISTENT = (re.compile(r".*\.position_ids$"), re.compile(r".*rotary_emb\.inv_freq$"))
+PROJECTOR_PIIP = {"1": "linear_1", "3": "norm", "6": "linear_2"}  # TwoBranchMLP Sequential indices
+PROJECTOR_MLP = {"0": "linear_1", "2": "linear_2"}  # LLaVA-1.5 mlp2x_gelu
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+TIMM_CONVNEXT = {  # timm architecture name -> ConvNeXt kwargs (for a local timm config.json without model_args)
+    "convnext_base": {"depths": [3, 3, 27, 3], "dims": [128, 256, 512, 1024]},
+    "convnext_large": {"depths": [3, 3, 27, 3], "dims": [192, 384, 768, 1536]},
+    "convnext_large_mlp": {"depths": [3, 3, 27, 3], "dims": [192, 384, 768, 1536], "head_hidden_size": 1536},
+}
+
+
+class ConversionError(ValueError):
+    """The source checkpoint cannot be converted; the message says which file / key / field and why."""
+
+
+# ------------------------------------------------------------------ the official .py tower config, without exec
+def _literal(node: ast.AST, env: dict[str, Any], where: str) -> Any:
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_literal(e, env, where) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Dict):
+        return {_literal(k, env, where): _literal(v, env, where) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: _literal(kw.value, env, where) for kw in node.keywords if kw.arg is not None}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _literal(node.operand, env, where)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.Name) and node.id in env:
+        return env[node.id]
+    raise ConversionError(
+        f"{where}:{getattr(node, 'lineno', '?')}: only literal values, dict(...) and earlier literal names are "
+        f"allowed in a tower config (got {ast.dump(node)[:80]})"
+    )
+
+
+def parse_tower_config(path: str) -> dict[str, Any]:
+    """Read the `model = dict(backbone=..., projector=...)` literal from an official tower config file."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    env: dict[str, Any] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            try:
+                env[stmt.targets[0].id] = _literal(stmt.value, env, path)
+            except ConversionError:
+                if stmt.targets[0].id == "model":
+                    raise
+    model = env.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("backbone"), dict):
+        raise ConversionError(f"{path}: no literal `model = dict(backbone=dict(...), ...)` assignment found")
+    return model
+
+
+# ------------------------------------------------------------------ branch architectures
+def _builtin_backbones() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Official branch ids -> (type, backbone kwargs), taken from the presets."""
+    table: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in preset_names():
+        if name.startswith("tiny-"):
+            continue
+        for b in load_preset(name).vision_config.branch_configs():
+            if b.pretrained:
+                table.setdefault(b.pretrained, (b.type, dict(b.backbone)))
+    return table
+
+
+def _local_backbone(pretrained: str, search_dirs: list[str]) -> tuple[str, dict[str, Any]] | None:
+    for base in search_dirs:
+        folder = pretrained if os.path.isabs(pretrained) else os.path.join(base, pretrained)
+        cfg_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(cfg_path):
+            continue
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if "architecture" in cfg:  # timm
+            args = dict(cfg.get("model_args") or {})
+            arch = cfg["architecture"]
+            known = TIMM_CONVNEXT.get(arch.split(".")[0])
+            if "depths" not in args and known is None:
+                raise ConversionError(f"{cfg_path}: timm architecture {arch!r} is not a known ConvNeXt and has no model_args")
+            backbone = dict(known or {})
+            backbone.update({k: args[k] for k in ("depths", "dims", "head_hidden_size") if k in args})
+            return "convnext", backbone
+        if cfg.get("model_type") in ("clip", "clip_vision_model") or "vision_config" in cfg:
+            from transformers import CLIPVisionConfig
+
+            vision = cfg.get("vision_config", cfg) if cfg.get("model_type") != "clip_vision_model" else cfg
+            vc = CLIPVisionConfig(**{k: v for k, v in vision.items() if k not in ("model_type", "architectures")})
+            keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                    "patch_size", "hidden_act", "layer_norm_eps", "projection_dim")
+            return "clip", {k: getattr(vc, k) for k in keys}
+        raise ConversionError(f"{cfg_path}: neither a Hugging Face CLIP config nor a timm config")
+    return None
+
+
+def _backbone_from_weights(kind: str, sd: dict[str, torch.Tensor], prefix: str, where: str) -> dict[str, Any]:
+    """Architecture from tensor shapes (CLIP heads assumed 64 wide, as in every CLIP ViT)."""
+    if kind == "clip":
+        try:
+            hidden = sd[prefix + "embeddings.class_embedding"].shape[0]
+            patch = sd[prefix + "embeddings.patch_embedding.weight"].shape[-1]
+            rows = sd[prefix + "embeddings.position_embedding.weight"].shape[0]
+            ff = sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+        except KeyError as e:
+            raise ConversionError(f"{where}: cannot infer the CLIP architecture, {e} is missing") from None
+        layers = len({k.split(".")[len(prefix.split(".")) + 1] for k in sd if k.startswith(prefix + "encoder.layers.")})
+        grid = math.isqrt(rows - 1)
+        return {"hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
+                "num_attention_heads": max(1, hidden // 64), "image_size": grid * patch, "patch_size": patch,
+                "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+    depths, dims = [], []
+    for s in range(8):
+        blocks = {int(k[len(prefix):].split(".")[3]) for k in sd if k.startswith(f"{prefix}stages.{s}.blocks.")}
+        if not blocks:
+            break
+        depths.append(max(blocks) + 1)
+        dims.append(sd[f"{prefix}stages.{s}.blocks.0.conv_dw.weight"].shape[0])
+    if not depths:
+        raise ConversionError(f"{where}: cannot infer the ConvNeXt architecture, no {prefix}stages.*.blocks.* keys")
+    backbone: dict[str, Any] = {"depths": depths, "dims": dims}
+    if prefix + "head.pre_logits.fc.weight" in sd:
+        backbone["head_hidden_size"] = sd[prefix + "head.pre_logits.fc.weight"].shape[0]
+    return backbone
+
+
+def vision_config_from_official(
+    tower_cfg: dict[str, Any],
+    search_dirs: list[str],
+    state_dict: dict[str, torch.Tensor] | None = None,
+    infer_from_weights: bool = False,
+    where: str = "tower config",
+) -> tuple[PiipVisionConfig, str]:
+    """Official `model` dict -> (PiipVisionConfig, projector norm)."""
+    bb = tower_cfg["backbone"]
+    builtin = _builtin_backbones()
+    branches = []
+    k = 1
+    while f"branch{k}" in bb:
+        b = dict(bb[f"branch{k}"])
+        model_type = b.get("model_type", "clip_hf")
+        kind = {"clip_hf": "clip", "convnext_timm": "convnext"}.get(model_type)
+        if kind is None:
+            raise ConversionError(f"{where}: branch{k}.model_type {model_type!r} is not clip_hf or convnext_timm")
+        pretrained = b.get("pretrained")
+        found = _local_backbone(pretrained, search_dirs) if pretrained else None
+        if found is None and pretrained in builtin:
+            found = builtin[pretrained]
+        if found is None and infer_from_weights and state_dict is not None:
+            sub = "clip_model." if kind == "clip" else "convnext_model."
+            found = (kind, _backbone_from_weights(kind, state_dict, f"{TOWER_PREFIX}branch{k}.{sub}", where))
+        if found is None:
+            raise ConversionError(
+                f"{where}: branch{k}.pretrained {pretrained!r} is not a known official branch id "
+                f"({', '.join(sorted(builtin))}) nor a local folder with a config.json (searched: "
+                f"{', '.join(search_dirs)}); pass --infer-from-weights to derive it from the checkpoint's shapes"
+            )
+        if found[0] != kind:
+            raise ConversionError(f"{where}: branch{k} is {model_type} but {pretrained!r} describes a {found[0]} model")
+        entry: dict[str, Any] = {
+            "type": kind,
+            "image_size": int(b["img_size"]),
+            "backbone": found[1],
+            "pretrained": pretrained,
+            "interaction_indexes": b.get("interaction_indexes", []),
+        }
+        if kind == "clip":
+            entry["patch_size"] = int(b.get("patch_size", found[1].get("patch_size", 16)))
+            entry["use_cls_token"] = bool(b.get("use_cls_token", False))  # official default: False
+            pre = b.get("pretrain_patch_size")
+            if pre is not None and int(pre) != int(found[1].get("patch_size", pre)):
+                raise ConversionError(
+                    f"{where}: branch{k}.pretrain_patch_size {pre} differs from {pretrained!r}'s patch size "
+                    f"{found[1].get('patch_size')}"
+                )
+        branches.append(entry)
+        k += 1
+    if not branches:
+        raise ConversionError(f"{where}: backbone has no branch1")
+    attn_type = bb.get("interact_attn_type", "deform")
+    interaction = {
+        "attn_type": attn_type,
+        "num_heads": bb.get("deform_num_heads", 16),
+        "n_points": bb.get("n_points", 4),
+        "deform_ratio": bb.get("deform_ratio", 1.0),
+        "with_cffn": bb.get("with_cffn", True),
+        "cffn_ratio": bb.get("cffn_ratio", 0.25),
+        "drop_path_rate": bb.get("interaction_drop_path_rate", 0.0),
+        "with_proj": bb.get("interaction_proj", True),
+        "norm_eps": 1e-6,
+    }
+    if bb.get("norm_layer", "ln") != "ln":
+        raise ConversionError(f"{where}: norm_layer {bb.get('norm_layer')!r} is not supported (only 'ln')")
+    proj = tower_cfg.get("projector") or {}
+    if proj and proj.get("type") != "separate_2branch_v1":
+        raise ConversionError(f"{where}: projector type {proj.get('type')!r} is not separate_2branch_v1")
+    if proj.get("out_shape") is not None:
+        raise ConversionError(f"{where}: projector out_shape is not supported")
+    return PiipVisionConfig(branches=branches, interaction=interaction), proj.get("norm", "gn")
+
+
+def _resolve_tower_py(name: str, src: str, override: str | None) -> str:
+    candidates = [override] if override else [os.path.join(src, name), os.path.join(os.getcwd(), name)]
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return c
+    raise ConversionError(
+        f"{os.path.join(src, 'config.json')}: mm_vision_tower {name!r} not found (looked in: "
+        f"{', '.join(candidates)}); pass --tower-config PATH"
+    )
+
+
+def text_config_from_llava(llava_cfg: dict[str, Any]) -> dict[str, Any]:
+    text = {k: llava_cfg[k] for k in LLAMA_FIELDS if k in llava_cfg}
+    text["model_type"] = "llama"
+    return text
+
+
+def build_config(
+    src: str,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    tower_config: str | None = None,
+    infer_from_weights: bool = False,
+) -> PiipLlavaConfig:
+    """PiipLlavaConfig for the checkpoint folder `src`."""
+    cfg_path = os.path.join(src, "config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        llava = json.load(f)
+    if llava.get("model_type") not in ("llava_llama", "llava"):
+        raise ConversionError(f"{cfg_path}: model_type {llava.get('model_type')!r}, expected 'llava_llama'")
+    tower = llava.get("mm_vision_tower") or llava.get("vision_tower")
+    if not tower:
+        raise ConversionError(f"{cfg_path}: no mm_vision_tower field")
+    aspect = llava.get("image_aspect_ratio", "pad")
+    if aspect not in ("pad", "square"):
+        raise ConversionError(f"{cfg_path}: image_aspect_ratio {aspect!r} is not supported (pad or square)")
+    common = {"text_config": text_config_from_llava(llava), "image_aspect_ratio": aspect}
+    if tower.endswith(".py"):
+        py = _resolve_tower_py(tower, src, tower_config)
+        vision, norm = vision_config_from_official(
+            parse_tower_config(py), [os.path.dirname(os.path.abspath(py)), os.getcwd()], state_dict,
+            infer_from_weights, where=py,
+        )
+        return PiipLlavaConfig(vision_config=vision, projector_type="piip_mlp", projector_norm=norm,
+                               projector_groups=32, **common)
+    # plain LLaVA-1.5: a CLIP tower named by hub id or local folder, penultimate layer, patch features
+    if llava.get("mm_vision_select_feature", "patch") != "patch":
+        raise ConversionError(f"{cfg_path}: mm_vision_select_feature must be 'patch'")
+    if llava.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise ConversionError(f"{cfg_path}: mm_projector_type {llava.get('mm_projector_type')!r} is not mlp2x_gelu")
+    tower_cfg = {"backbone": {"branch1": {"model_type": "clip_hf", "img_size": 0, "pretrained": tower}}}
+    # resolve the architecture first to learn the image size
+    search = [src, os.getcwd()]
+    probe = _local_backbone(tower, search) or _builtin_backbones().get(tower)
+    if probe is None and infer_from_weights and state_dict is not None:
+        probe = ("clip", _backbone_from_weights("clip", state_dict, TOWER_PREFIX + "vision_model.", cfg_path))
+    if probe is None:
+        raise ConversionError(f"{cfg_path}: vision tower {tower!r} is not a known CLIP id nor a local folder; pass "
+                              "--infer-from-weights to derive it from the checkpoint's shapes")
+    backbone = probe[1]
+    tower_cfg["backbone"]["branch1"].update(img_size=backbone["image_size"], patch_size=backbone["patch_size"],
+                                            use_cls_token=True)
+    branch = {"type": "clip", "image_size": backbone["image_size"], "backbone": backbone, "pretrained": tower,
+              "patch_size": backbone["patch_size"], "select_layer": int(llava.get("mm_vision_select_layer", -2))}
+    mean, std = CLIP_MEAN, CLIP_STD  # LLaVA-1.5 normalises with the CLIP processor's statistics
+    return PiipLlavaConfig(vision_config={"branches": [branch], "interaction": {}}, projector_type="mlp2x_gelu",
+                           image_mean=mean, image_std=std, **common)
+
+
+# ------------------------------------------------------------------ weights
+def load_official_state_dict(src: str) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: safetensors or .bin shards, with or without an index file."""
+    files: list[str] = []
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json", "*.bin")):
+        index = os.path.join(src, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(src, x) for x in files]
+            break
+        found = sorted(glob.glob(os.path.join(src, pattern)))
+        found = [x for x in found if os.path.basename(x) not in ("mm_projector.bin", "training_args.bin")]
+        if found:
+            files = found
+            break
+    if not files:
+        raise ConversionError(f"{src}: no *.safetensors or *.bin weight files")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            part = load_file(path)
+        else:
+            part = torch.load(path, map_location="cpu", weights_only=True)
+        dup = set(part) & set(state)
+        if dup:
+            raise ConversionError(f"{path}: keys also present in another shard: {sorted(dup)[:5]}")
+        state.update(part)
+    return state
+
+
+def _convert_key(key: str) -> str:
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if key.startswith(TOWER_PREFIX):
+        rest = key[len(TOWER_PREFIX):]
+        m = re.match(r"branch(\d+)\.(clip_model|convnext_model)\.(.*)$", rest)
+        if m:
+            inner = m.group(3)
+            if m.group(2) == "convnext_model":
+                inner = re.sub(r"^(stages\.\d+\.blocks\.\d+)\.weight$", r"\1.gamma", inner)
+            return f"vision_tower.branches.{int(m.group(1)) - 1}.model.{inner}"
+        if rest.startswith("interactions."):
+            return "vision_tower." + rest
+        if rest.startswith("vision_model."):  # LLaVA-1.5 CLIPVisionTower
+            return "vision_tower.branches.0.model." + rest[len("vision_model."):]
+        return key  # unknown: reported as unexpected
+    m = re.match(r"model\.mm_projector\.branch(\d+)\.(\d+)\.(weight|bias)$", key)
+    if m and m.group(2) in PROJECTOR_PIIP:
+        return f"multi_modal_projector.branches.{int(m.group(1)) - 1}.{PROJECTOR_PIIP[m.group(2)]}.{m.group(3)}"
+    m = re.match(r"model\.mm_projector\.(\d+)\.(weight|bias)$", key)
+    if m and m.group(1) in PROJECTOR_MLP:
+        return f"multi_modal_projector.{PROJECTOR_MLP[m.group(1)]}.{m.group(2)}"
+    if key.startswith("model.") and not key.startswith("model.mm_projector."):
+        return "language_model." + key
+    return key
+
+
+def convert_official_state_dict(
+    state_dict: dict[str, torch.Tensor], config: PiipLlavaConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """Official key names -> ours (spec §5). Only non-persistent buffers (`position_ids`, `inv_freq`) are dropped;
+    keys with no mapping keep their name so that a strict load reports them. With `config`, the number of
+    interactions in the weights is checked against it (the 13B ConvNeXt 24-vs-12 pitfall)."""
+    if config is not None:
+        check_interaction_count(state_dict, config)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if any(p.match(key) for p in NON_PERSISTENT):
+            continue
+        new = _convert_key(key)
+        if new in out:
+            raise ConversionError(f"two checkpoint keys map to {new!r} (one is {key!r})")
+        out[new] = value
+    return out
+
+
+def check_interaction_count(state_dict: dict[str, torch.Tensor], config: PiipLlavaConfig) -> None:
+    found = {int(m.group(1)) for k in state_dict if (m := re.match(re.escape(TOWER_PREFIX) + r"interactions\.(\d+)\.", k))}
+    expected = config.vision_config.num_interactions
+    have = max(found) + 1 if found else 0
+    if have != expected:
+        raise ConversionError(
+            f"the checkpoint has {have} interaction blocks (highest index {have - 1}) but the tower config declares "
+            f"{expected} (interaction_indexes); use the config the checkpoint was trained with (the official 13B "
+            "ConvNeXt configs declare 24 interactions, the 7B ones 12)"
+        )
+
+
+def load_converted(config: PiipLlavaConfig, state_dict: dict[str, torch.Tensor]):
+    """Build the model on the meta device and assign the converted tensors; fail listing missing/unexpected keys."""
+    from .modeling_piip_llava import PiipLlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = PiipLlavaForConditionalGeneration(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        lines = []
+        if missing:
+            lines.append(f"{len(missing)} missing key(s):\n  " + "\n  ".join(missing))
+        if unexpected:
+            lines.append(f"{len(unexpected)} unexpected key(s):\n  " + "\n  ".join(unexpected))
+        raise ConversionError("converted weights do not match the model:\n" + "\n".join(lines))
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+           for k, v in state_dict.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ConversionError("shape mismatch (wrong architecture for these weights):\n  " + "\n  ".join(bad))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    # Non-persistent buffers (position ids, rotary frequencies) are still on the meta device: take them from a
+    # fresh CPU copy of their (small, config-built) module.
+    for name, module in model.named_modules():
+        meta = [b for b, buf in module.named_buffers(recurse=False) if buf.is_meta]
+        if meta:
+            try:
+                fresh = type(module)(config=module.config)
+            except (AttributeError, TypeError) as e:
+                raise ConversionError(f"cannot rebuild the buffers {meta} of {name} ({type(module).__name__}): {e}") from e
+            for b in meta:
+                module.register_buffer(b, getattr(fresh, b), persistent=False)
+    return model.eval()
+
+
+def convert_checkpoint(
+    src: str, dst: str, tower_config: str | None = None, infer_from_weights: bool = False
+) -> PiipLlavaConfig:
+    """Convert folder `src` into folder `dst` (model + tokenizer); returns the config written."""
+    state = load_official_state_dict(src)
+    config = build_config(src, state, tower_config, infer_from_weights)
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    converted = convert_official_state_dict(state, config)
+    del state
+    model = load_converted(config, converted)
+    if len(dtypes) == 1:
+        model.config.dtype = next(iter(dtypes))
+    os.makedirs(dst, exist_ok=True)
+    model.save_pretrained(dst, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m piip_llava.models.convert_official", description=__doc__.split("\n")[0])
+    parser.add_argument("src", help="official checkpoint folder (config.json + weights + tokenizer)")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--tower-config", default=None, help="path of the official tower .py config (overrides mm_vision_tower)")
+    parser.add_argument("--infer-from-weights", action="store_true",
+                        help="derive unknown branch architectures from the checkpoint's tensor shapes")
+    args = parser.parse_args(argv)
+    try:
+        config = convert_checkpoint(args.src, args.dst, args.tower_config, args.infer_from_weights)
+    except (ValueError, OSError) as e:  # ConversionError, invalid resulting config, unreadable files
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    vc = config.vision_config
+    print(f"converted {args.src} -> {args.dst}: {vc.num_branches} branch(es), {vc.num_interactions} interaction(s), "
+          f"{config.num_image_tokens} visual tokens, projector {config.projector_type}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,606 @@
+"""Official PIIP-LLaVA checkpoint -> our format, checked against an independent re-statement of the official forward.
+
+The tiny official-format checkpoints are written here from the documented key layout (spec §5), with a tower config
+`.py` in the official style. `OfficialReference` below recomputes the official tower (`PIIPTwoBranchModel` /
+`PIIPTwoBranchMixModel`), projector (`TwoBranchMLP`) and LLM directly on the official key names with functional
+PyTorch; it does not use any module of this project.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from piip_llava.models import PiipLlavaForConditionalGeneration
+from piip_llava.models.convert_official import (
+    ConversionError,
+    build_config,
+    convert_official_state_dict,
+    main,
+    parse_tower_config,
+    vision_config_from_official,
+)
+
+T = "model.vision_tower.vision_tower."
+LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+CLIP_CLIP_PY = """\
+model = dict(
+    backbone=dict(
+        n_points=4,
+        deform_num_heads=4,
+        cffn_ratio=0.25,
+        deform_ratio=0.5,
+        with_cffn=True,
+        interact_attn_type='deform',
+        interaction_drop_path_rate=0.4,
+        model_cls="2branch_v1",
+        unfreeze="none",
+
+        use_branch_merging=False,
+
+
+        branch1=dict(
+            model_type="clip_hf",
+            img_size=64,
+            patch_size=16,
+            pretrain_patch_size=16,
+            interaction_indexes=[[0, 1], [2, 3]],
+            pretrained='pretrained/tiny-clip-l',
+            use_cls_token=True,
+        ),
+
+        branch2=dict(
+            model_type="clip_hf",
+            img_size=128,
+            patch_size=16,
+            pretrain_patch_size=16,
+            interaction_indexes=[[0, 0], [1, 1]],
+            pretrained='pretrained/tiny-clip-b',
+            use_cls_token=True,
+        ),
+    ),
+
+    projector=dict(
+        type="separate_2branch_v1",
+        dim1=64,
+        dim2=32,
+        norm="gn",
+    )
+)
+"""
+
+MIX_PY = """\
+model = dict(
+    backbone=dict(
+        n_points=4,
+        deform_num_heads=4,
+        cffn_ratio=0.25,
+        deform_ratio=0.5,
+        with_cffn=True,
+        interact_attn_type='deform',
+        interaction_drop_path_rate=0.4,
+        model_cls="2branch_mix",
+        unfreeze="none",
+
+        use_branch_merging=False,
+
+
+        branch1=dict(
+            model_type="clip_hf",
+            img_size=64,
+            patch_size=16,
+            pretrain_patch_size=16,
+            interaction_indexes=[[0, 1], [2, 3]],
+            pretrained='pretrained/tiny-clip-l',
+            use_cls_token=True,
+        ),
+
+        branch2=dict(
+            model_type="convnext_timm",
+            img_size=128,
+            interaction_indexes=[
+                [0, 2], [3, 7],
+            ],
+            downsample_ratios=[
+                4,
+                8, # downsampling layer
+                8,
+                16, # downsampling layer
+                16, 16,
+                32, # downsampling layer
+                32,
+            ],
+            pretrained="pretrained/tiny-convnext",
+        ),
+    ),
+
+    projector=dict(
+        type="separate_2branch_v1",
+        dim1=64,
+        dim2=64,
+        norm="gn",
+    )
+)
+"""
+
+CLIP_L = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=48,
+              patch_size=16)  # pretrain grid 3x3, run at 64 px -> 4x4 (position interpolation matters)
+CLIP_B = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+              patch_size=16)  # pretrain grid 4x4, run at 128 px -> 8x8
+CONVNEXT = dict(depths=[1, 1, 2, 1], dims=[8, 16, 32, 64])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Official-format checkpoint writer (documented key layout, spec §5)
+# ---------------------------------------------------------------------------------------------------------------
+class Gen:
+    def __init__(self, seed: int) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        self.sd: dict[str, torch.Tensor] = {}
+
+    def w(self, key, *shape, std=0.1, mean=0.0):
+        self.sd[key] = torch.randn(*shape, generator=self.g) * std + mean
+
+    def linear(self, key, out_f, in_f, bias=True, std=None):
+        self.w(key + ".weight", out_f, in_f, std=std or 1 / math.sqrt(in_f))
+        if bias:
+            self.w(key + ".bias", out_f, std=0.05)
+
+    def norm(self, key, dim):
+        self.w(key + ".weight", dim, std=0.1, mean=1.0)
+        self.w(key + ".bias", dim, std=0.05)
+
+
+def write_clip(gen: Gen, prefix: str, a: dict) -> None:
+    d, f, grid = a["hidden_size"], a["intermediate_size"], a["image_size"] // a["patch_size"]
+    gen.w(prefix + "embeddings.class_embedding", d)
+    gen.w(prefix + "embeddings.patch_embedding.weight", d, 3, a["patch_size"], a["patch_size"], std=0.05)
+    gen.w(prefix + "embeddings.position_embedding.weight", grid * grid + 1, d)
+    gen.norm(prefix + "pre_layrnorm", d)
+    for i in range(a["num_hidden_layers"]):
+        p = f"{prefix}encoder.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            gen.linear(p + "self_attn." + n, d, d)
+        gen.norm(p + "layer_norm1", d)
+        gen.linear(p + "mlp.fc1", f, d)
+        gen.linear(p + "mlp.fc2", d, f)
+        gen.norm(p + "layer_norm2", d)
+    gen.norm(prefix + "post_layernorm", d)
+
+
+def write_convnext(gen: Gen, prefix: str, a: dict) -> None:
+    dims = a["dims"]
+    gen.w(prefix + "stem.0.weight", dims[0], 3, 4, 4, std=0.1)
+    gen.w(prefix + "stem.0.bias", dims[0], std=0.05)
+    gen.norm(prefix + "stem.1", dims[0])
+    for s, (depth, c) in enumerate(zip(a["depths"], dims)):
+        if s > 0:
+            gen.norm(f"{prefix}stages.{s}.downsample.0", dims[s - 1])
+            gen.w(f"{prefix}stages.{s}.downsample.1.weight", c, dims[s - 1], 2, 2, std=1 / math.sqrt(4 * dims[s - 1]))
+            gen.w(f"{prefix}stages.{s}.downsample.1.bias", c, std=0.05)
+        for b in range(depth):
+            p = f"{prefix}stages.{s}.blocks.{b}."
+            gen.w(p + "conv_dw.weight", c, 1, 7, 7, std=0.1)
+            gen.w(p + "conv_dw.bias", c, std=0.05)
+            gen.norm(p + "norm", c)
+            gen.linear(p + "mlp.fc1", 4 * c, c)
+            gen.linear(p + "mlp.fc2", c, 4 * c)
+            gen.w(p + "weight", c, std=0.2, mean=0.5)  # the layer scale timm calls `gamma`
+    gen.norm(prefix + "head.norm", dims[-1])
+
+
+def write_interaction(gen: Gen, prefix: str, d1: int, d2: int, heads=4, points=4, ratio=0.5) -> None:
+    gen.linear(prefix + "branch2to1_proj", d1, d2)
+    gen.linear(prefix + "branch1to2_proj", d2, d1)
+    for name, d in (("branch2to1_injector", d1), ("branch1to2_injector", d2)):
+        p = f"{prefix}{name}."
+        gen.norm(p + "query_norm", d)
+        gen.norm(p + "feat_norm", d)
+        gen.norm(p + "ffn_norm", d)
+        gen.w(p + "attn.sampling_offsets.weight", heads * points * 2, d, std=0.3)
+        gen.w(p + "attn.sampling_offsets.bias", heads * points * 2, std=1.5)  # some points fall outside the map
+        gen.linear(p + "attn.attention_weights", heads * points, d, std=0.3)
+        gen.linear(p + "attn.value_proj", int(d * ratio), d)
+        gen.linear(p + "attn.output_proj", d, int(d * ratio))
+        gen.w(p + "ca_weight", d, std=0.2, mean=0.5)  # non-zero gates: interactions matter
+        gen.w(p + "cffn_weight", d, std=0.2, mean=0.5)
+        h = int(d * 0.25)
+        gen.linear(p + "ffn.fc1", h, d)
+        gen.w(p + "ffn.dwconv.dwconv.weight", h, 1, 3, 3, std=0.3)
+        gen.w(p + "ffn.dwconv.dwconv.bias", h, std=0.05)
+        gen.linear(p + "ffn.fc2", d, h)
+
+
+def write_llama(gen: Gen) -> None:
+    c = LLAMA
+    d, f = c["hidden_size"], c["intermediate_size"]
+    gen.w("model.embed_tokens.weight", c["vocab_size"], d, std=0.5)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            gen.linear(p + "self_attn." + n, d, d, bias=False)
+        gen.linear(p + "mlp.gate_proj", f, d, bias=False)
+        gen.linear(p + "mlp.up_proj", f, d, bias=False)
+        gen.linear(p + "mlp.down_proj", d, f, bias=False)
+        gen.w(p + "input_layernorm.weight", d, std=0.1, mean=1.0)
+        gen.w(p + "post_attention_layernorm.weight", d, std=0.1, mean=1.0)
+    gen.w("model.norm.weight", d, std=0.1, mean=1.0)
+    gen.linear("lm_head", c["vocab_size"], d, bias=False)
+
+
+def write_projector(gen: Gen, dims: list[int]) -> None:
+    D = LLAMA["hidden_size"]
+    for j, d in enumerate(dims, start=1):
+        gen.linear(f"model.mm_projector.branch{j}.1", D, d)
+        gen.norm(f"model.mm_projector.branch{j}.3", D)
+        gen.linear(f"model.mm_projector.branch{j}.6", D, D)
+
+
+def llava_config(tower: str, **extra) -> dict:
+    return {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "mm_vision_tower": tower,
+            "vision_tower_name": tower, "mm_hidden_size": 64, "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_patch_merge_type": "flat",
+            "image_aspect_ratio": "pad", "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
+            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "use_mm_proj": True,
+            "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+            "tie_word_embeddings": False, "torch_dtype": "float32", **LLAMA, **extra}
+
+
+def write_checkpoint(root, kind: str, fmt: str, seed: int = 0, extra_keys=None, drop_keys=()) -> tuple[str, dict]:
+    """A tiny official-format checkpoint folder; returns (folder, official state dict)."""
+    src = root / f"{kind}-{fmt}"
+    (src / "configs").mkdir(parents=True)
+    (src / "configs" / "pretrained" / "tiny-clip-l").mkdir(parents=True)
+    (src / "configs" / "pretrained" / "tiny-clip-l" / "config.json").write_text(
+        json.dumps({"model_type": "clip_vision_model", "hidden_act": "quick_gelu", **CLIP_L}))
+    gen = Gen(seed)
+    write_clip(gen, T + "branch1.clip_model.", CLIP_L)
+    if kind == "clip":
+        py = CLIP_CLIP_PY
+        (src / "configs" / "pretrained" / "tiny-clip-b").mkdir(parents=True)
+        (src / "configs" / "pretrained" / "tiny-clip-b" / "config.json").write_text(  # a full CLIPConfig
+            json.dumps({"model_type": "clip", "text_config": {}, "vision_config": CLIP_B}))
+        write_clip(gen, T + "branch2.clip_model.", CLIP_B)
+        for i in range(2):
+            write_interaction(gen, f"{T}interactions.{i}.interaction_units_12.", 64, 32)
+        write_projector(gen, [64, 32])
+    else:
+        py = MIX_PY
+        (src / "configs" / "pretrained" / "tiny-convnext").mkdir(parents=True)
+        (src / "configs" / "pretrained" / "tiny-convnext" / "config.json").write_text(
+            json.dumps({"architecture": "convnext_tiny_test", "num_classes": 0, "model_args": CONVNEXT}))
+        write_convnext(gen, T + "branch2.convnext_model.", CONVNEXT)
+        write_interaction(gen, f"{T}interactions.0.interaction_units_12.", 64, 16)  # ends at stride 8, 16 ch
+        write_interaction(gen, f"{T}interactions.1.interaction_units_12.", 64, 64)  # ends at stride 32, 64 ch
+        write_projector(gen, [64, 64])
+    write_llama(gen)
+    gen.sd[T + "branch1.clip_model.embeddings.position_ids"] = torch.arange(10)[None]  # old non-persistent buffer
+    sd = {k: v for k, v in gen.sd.items() if k not in drop_keys}
+    sd.update(extra_keys or {})
+    tower = f"configs/piip-llava_{kind}_tiny.py"
+    (src / tower).write_text(py)
+    (src / "config.json").write_text(json.dumps(llava_config(tower)))
+    (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048}))
+    (src / "tokenizer.model").write_bytes(b"sentencepiece placeholder")
+    keys = sorted(sd)
+    shards = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    if fmt == "safetensors":
+        names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        for name, ks in zip(names, shards):
+            save_file({k: sd[k].contiguous() for k in ks}, str(src / name))
+        index = "model.safetensors.index.json"
+    else:
+        names = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+        for name, ks in zip(names, shards):
+            torch.save({k: sd[k] for k in ks}, str(src / name))
+        index = "pytorch_model.bin.index.json"
+    (src / index).write_text(json.dumps({"metadata": {}, "weight_map": {k: n for n, ks in zip(names, shards) for k in ks}}))
+    return str(src), sd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Independent reference of the official forward, on official key names
+# ---------------------------------------------------------------------------------------------------------------
+class OfficialReference:
+    def __init__(self, sd: dict, tower_cfg: dict, clip_archs: dict, convnext_arch: dict | None = None) -> None:
+        self.sd, self.cfg, self.clip_archs, self.convnext_arch = sd, tower_cfg["backbone"], clip_archs, convnext_arch
+
+    def p(self, key):
+        return self.sd[key]
+
+    def lin(self, x, key, bias=True):
+        return F.linear(x, self.p(key + ".weight"), self.p(key + ".bias") if bias else None)
+
+    def ln(self, x, key, eps):
+        return F.layer_norm(x, x.shape[-1:], self.p(key + ".weight"), self.p(key + ".bias"), eps)
+
+    # ---- CLIP branch (CLIPHFWrapper + forward_embedding + CLIPEncoderLayer)
+    def clip_embed(self, k, x):
+        pre, a = f"{T}branch{k}.clip_model.", self.clip_archs[k]
+        patch = F.conv2d(x, self.p(pre + "embeddings.patch_embedding.weight"), stride=a["patch_size"])
+        b, d, H, W = patch.shape
+        tokens = patch.flatten(2).transpose(1, 2)
+        table = self.p(pre + "embeddings.position_embedding.weight")[None]
+        g = a["image_size"] // a["patch_size"]
+        pos = table[:, 1:].reshape(1, g, g, d).permute(0, 3, 1, 2).float()
+        pos = F.interpolate(pos, size=(H, W), mode="bicubic", align_corners=False).reshape(1, d, H * W).permute(0, 2, 1)
+        cls = self.p(pre + "embeddings.class_embedding").expand(b, 1, -1)
+        x = torch.cat([cls, tokens], 1) + torch.cat([table[:, :1], pos], 1)
+        x = self.ln(x, pre + "pre_layrnorm", 1e-5)
+        return x[:, 1:], x[:, :1], H, W
+
+    def clip_layer(self, k, i, x):
+        p, heads = f"{T}branch{k}.clip_model.encoder.layers.{i}.", self.clip_archs[k]["num_attention_heads"]
+        b, n, d = x.shape
+        h = self.ln(x, p + "layer_norm1", 1e-5)
+        q, kk, v = (self.lin(h, p + f"self_attn.{n_}").view(b, n, heads, d // heads).transpose(1, 2)
+                    for n_ in ("q_proj", "k_proj", "v_proj"))
+        att = ((q * (d // heads) ** -0.5) @ kk.transpose(-1, -2)).softmax(-1)
+        x = x + self.lin((att @ v).transpose(1, 2).reshape(b, n, d), p + "self_attn.out_proj")
+        h = self.lin(self.ln(x, p + "layer_norm2", 1e-5), p + "mlp.fc1")
+        return x + self.lin(h * torch.sigmoid(1.702 * h), p + "mlp.fc2")  # quick_gelu
+
+    # ---- ConvNeXt branch (timm ConvNeXt with the monkey-patched block: layer scale named `weight`)
+    def ln2d(self, x, key):
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.p(key + ".weight"), self.p(key + ".bias"),
+                            1e-6).permute(0, 3, 1, 2)
+
+    def convnext_blocks(self):
+        pre, blocks = f"{T}branch2.convnext_model.", []
+        for s, depth in enumerate(self.convnext_arch["depths"]):
+            if s > 0:
+                blocks.append(("down", f"{pre}stages.{s}.downsample."))
+            blocks += [("block", f"{pre}stages.{s}.blocks.{b}.") for b in range(depth)]
+        return blocks
+
+    def convnext_block(self, kind, p, x):
+        if kind == "down":
+            return F.conv2d(self.ln2d(x, p + "0"), self.p(p + "1.weight"), self.p(p + "1.bias"), stride=2)
+        c = x.shape[1]
+        y = F.conv2d(x, self.p(p + "conv_dw.weight"), self.p(p + "conv_dw.bias"), padding=3, groups=c)
+        y = self.ln(y.permute(0, 2, 3, 1), p + "norm", 1e-6)
+        y = self.lin(F.gelu(self.lin(y, p + "mlp.fc1")), p + "mlp.fc2").permute(0, 3, 1, 2)
+        return x + y * self.p(p + "weight").reshape(1, -1, 1, 1)
+
+    # ---- deformable attention (MSDeformAttn, one level, pure-PyTorch form of the CUDA kernel)
+    def ms_deform_attn(self, p, query, ref, feat, shape):
+        heads, points = self.cfg["deform_num_heads"], self.cfg["n_points"]
+        n, lq, _ = query.shape
+        hv, wv = shape
+        value = self.lin(feat, p + "value_proj")
+        dv = value.shape[-1] // heads
+        value = value.view(n, hv * wv, heads, dv)
+        off = self.lin(query, p + "sampling_offsets").view(n, lq, heads, 1, points, 2)
+        aw = self.lin(query, p + "attention_weights").view(n, lq, heads, points).softmax(-1).view(n, lq, heads, 1, points)
+        normalizer = torch.tensor([[wv, hv]], dtype=torch.float32)
+        loc = ref[:, :, None, :, None, :] + off / normalizer[None, None, None, :, None, :]
+        v = value.flatten(2).transpose(1, 2).reshape(n * heads, dv, hv, wv)
+        grid = (2 * loc[:, :, :, 0] - 1).transpose(1, 2).flatten(0, 1)  # (n*heads, lq, points, 2)
+        s = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        w = aw[:, :, :, 0].transpose(1, 2).reshape(n * heads, 1, lq, points)
+        out = (s * w).sum(-1).view(n, heads * dv, lq).transpose(1, 2)
+        return self.lin(out, p + "output_proj")
+
+    @staticmethod
+    def reference_points(h, w):
+        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h), torch.linspace(0.5, w - 0.5, w), indexing="ij")
+        return torch.stack((rx.reshape(-1)[None] / w, ry.reshape(-1)[None] / h), -1)[:, :, None]
+
+    def injector(self, p, query, ref, feat, shape, H, W):
+        att = self.ms_deform_attn(p + "attn.", self.ln(query, p + "query_norm", 1e-6), ref,
+                                  self.ln(feat, p + "feat_norm", 1e-6), shape)
+        query = query + self.p(p + "ca_weight") * att
+        h = self.lin(self.ln(query, p + "ffn_norm", 1e-6), p + "ffn.fc1")
+        b, n, c = h.shape
+        h = F.conv2d(h.transpose(1, 2).view(b, c, H, W), self.p(p + "ffn.dwconv.dwconv.weight"),
+                     self.p(p + "ffn.dwconv.dwconv.bias"), padding=1, groups=c).flatten(2).transpose(1, 2)
+        return query + self.p(p + "cffn_weight") * self.lin(F.gelu(h), p + "ffn.fc2")
+
+    # ---- whole tower (PIIPTwoBranchModel / PIIPTwoBranchMixModel.forward)
+    def tower(self, x):
+        b1, b2 = self.cfg["branch1"], self.cfg["branch2"]
+        x1 = F.interpolate(x, scale_factor=b1["img_size"] / b2["img_size"], mode="bilinear", align_corners=False)
+        t1, cls1, H1, W1 = self.clip_embed(1, x1)
+        mix = b2.get("model_type") == "convnext_timm"
+        if mix:
+            m = F.conv2d(x, self.p(f"{T}branch2.convnext_model.stem.0.weight"),
+                         self.p(f"{T}branch2.convnext_model.stem.0.bias"), stride=4)
+            m = self.ln2d(m, f"{T}branch2.convnext_model.stem.1")
+            H2, W2 = m.shape[-2:]
+            t2, cls2 = m.flatten(2).transpose(1, 2), None
+            blocks2 = self.convnext_blocks()
+        else:
+            t2, cls2, H2, W2 = self.clip_embed(2, x)
+        for i, ((s1, e1), (s2, e2)) in enumerate(zip(b1["interaction_indexes"], b2["interaction_indexes"])):
+            y = torch.cat([cls1, t1], 1)
+            for layer in range(s1, e1 + 1):
+                y = self.clip_layer(1, layer, y)
+            cls1, t1 = y[:, :1], y[:, 1:]
+            if mix:
+                m = t2.transpose(1, 2).reshape(1, -1, H2, W2)
+                for kind, p in blocks2[s2:e2 + 1]:
+                    m = self.convnext_block(kind, p, m)
+                H2, W2 = m.shape[-2:]
+                t2 = m.flatten(2).transpose(1, 2)
+                r1, r2 = b1["patch_size"], b2["downsample_ratios"][e2]
+            else:
+                y = torch.cat([cls2, t2], 1)
+                for layer in range(s2, e2 + 1):
+                    y = self.clip_layer(2, layer, y)
+                cls2, t2 = y[:, :1], y[:, 1:]
+                r1, r2 = b1["patch_size"], b2["patch_size"]
+            # deform_inputs_1 / deform_inputs_2
+            g1, g2 = b1["img_size"] // r1, b2["img_size"] // r2
+            p = f"{T}interactions.{i}.interaction_units_12."
+            f21, f12 = self.lin(t2, p + "branch2to1_proj"), self.lin(t1, p + "branch1to2_proj")
+            t1, t2 = (self.injector(p + "branch2to1_injector.", t1, self.reference_points(g1, g1), f21, (g2, g2), H1, W1),
+                      self.injector(p + "branch1to2_injector.", t2, self.reference_points(g2, g2), f12, (g1, g1), H2, W2))
+        return t1.transpose(1, 2).reshape(1, -1, H1, W1), t2.transpose(1, 2).reshape(1, -1, H2, W2)
+
+    # ---- TwoBranchMLP (norm="gn")
+    def projector(self, f1, f2):
+        H2, W2 = f2.shape[-2:]
+        f1 = F.interpolate(f1, size=(H2, W2), mode="bilinear", align_corners=False)
+        out = 0
+        for j, f in ((1, f1), (2, f2)):
+            p = f"model.mm_projector.branch{j}."
+            y = self.lin(f.permute(0, 2, 3, 1), p + "1").permute(0, 3, 1, 2)
+            y = F.group_norm(y, 32, self.p(p + "3.weight"), self.p(p + "3.bias"), 1e-5)
+            out = out + self.lin(F.gelu(y).permute(0, 2, 3, 1), p + "6").permute(0, 3, 1, 2)
+        return out.reshape(1, out.shape[1], H2 * W2).transpose(1, 2)
+
+    # ---- LLaVA: visual tokens replace the <image> placeholder, then the Llama LM on the official keys
+    def logits(self, before, after, visual):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        llm = LlamaForCausalLM(LlamaConfig(**LLAMA, tie_word_embeddings=False, attn_implementation="eager")).eval()
+        llm.load_state_dict({k: v for k, v in self.sd.items() if k.startswith(("model.", "lm_head"))
+                             and not k.startswith(("model.vision_tower", "model.mm_projector"))}, strict=True)
+        emb = self.p("model.embed_tokens.weight")
+        embeds = torch.cat([emb[before], visual[0], emb[after]])[None]
+        return llm(inputs_embeds=embeds).logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,fmt", [("clip", "safetensors"), ("mix", "bin")])
+def test_converted_model_matches_official_forward(tmp_path, kind, fmt):
+    src, sd = write_checkpoint(tmp_path, kind, fmt, seed=1 if kind == "clip" else 2)
+    dst = str(tmp_path / "converted")
+    assert main([src, dst]) == 0
+    assert os.path.isfile(os.path.join(dst, "tokenizer.model")) and os.path.isfile(os.path.join(dst, "tokenizer_config.json"))
+    model = PiipLlavaForConditionalGeneration.from_pretrained(dst).eval()
+    cfg = model.config
+    assert cfg.image_token_id == LLAMA["vocab_size"]
+    assert cfg.projector_type == "piip_mlp" and cfg.projector_groups == 32
+
+    tower_cfg = parse_tower_config(os.path.join(src, f"configs/piip-llava_{kind}_tiny.py"))
+    ref = OfficialReference(sd, tower_cfg, {1: CLIP_L, 2: CLIP_B}, CONVNEXT if kind == "mix" else None)
+    pixel_values = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.vision_tower(pixel_values)
+        theirs = ref.tower(pixel_values)
+        for a, b in zip(ours, theirs):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        proj_ours = model.multi_modal_projector(ours)
+        proj_ref = ref.projector(*theirs)
+        torch.testing.assert_close(proj_ours, proj_ref, rtol=1e-4, atol=1e-4)
+
+        before, after = torch.tensor([1, 5, 9, 17]), torch.tensor([33, 7, 2])
+        n = cfg.num_image_tokens
+        input_ids = torch.cat([before, torch.full((n,), cfg.image_token_id), after])[None]
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+        ref_logits = ref.logits(before, after, proj_ref)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_interactions_are_not_identities(tmp_path):
+    src, sd = write_checkpoint(tmp_path, "clip", "safetensors", seed=3)
+    tower_cfg = parse_tower_config(os.path.join(src, "configs/piip-llava_clip_tiny.py"))
+    x = torch.randn(1, 3, 128, 128)
+    gated = OfficialReference(sd, tower_cfg, {1: CLIP_L, 2: CLIP_B}).tower(x)
+    zero = {k: (torch.zeros_like(v) if k.endswith(("ca_weight", "cffn_weight")) else v) for k, v in sd.items()}
+    plain = OfficialReference(zero, tower_cfg, {1: CLIP_L, 2: CLIP_B}).tower(x)
+    assert (gated[0] - plain[0]).abs().max() > 1e-2 and (gated[1] - plain[1]).abs().max() > 1e-2
+
+
+def test_gamma_key_mapping_is_exact():
+    sd = {f"{T}branch2.convnext_model.stages.1.blocks.0.weight": torch.ones(1),
+          f"{T}branch2.convnext_model.stages.1.blocks.0.norm.weight": torch.ones(1),
+          f"{T}branch2.convnext_model.stages.1.downsample.1.weight": torch.ones(1),
+          f"{T}branch1.clip_model.embeddings.position_ids": torch.ones(1),
+          "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(1),
+          "model.mm_projector.branch2.3.bias": torch.ones(1),
+          "model.mm_projector.2.weight": torch.ones(1),
+          "lm_head.weight": torch.ones(1)}
+    out = convert_official_state_dict(sd)
+    assert sorted(out) == sorted([
+        "vision_tower.branches.1.model.stages.1.blocks.0.gamma",
+        "vision_tower.branches.1.model.stages.1.blocks.0.norm.weight",
+        "vision_tower.branches.1.model.stages.1.downsample.1.weight",
+        "multi_modal_projector.branches.1.norm.bias",
+        "multi_modal_projector.linear_2.weight",
+        "language_model.lm_head.weight",
+    ])
+
+
+def test_official_branch_ids_resolve_from_the_builtin_table(tmp_path):
+    py = tmp_path / "cfg.py"
+    py.write_text(MIX_PY.replace("pretrained/tiny-clip-l", "OpenGVLab/clip-vit-large-patch14to16-224")
+                  .replace("pretrained/tiny-convnext", "convnext_base.clip_laiona_augreg_320")
+                  .replace("img_size=64", "img_size=224").replace("img_size=128", "img_size=640")
+                  .replace("[[0, 1], [2, 3]]", "[[0, 11], [12, 23]]").replace("[0, 2], [3, 7],", "[0, 19], [20, 38],")
+                  .replace("deform_num_heads=4", "deform_num_heads=16"))
+    vision, norm = vision_config_from_official(parse_tower_config(str(py)), [str(tmp_path)])
+    b1, b2 = vision.branch_configs()
+    assert (b1.backbone["hidden_size"], b1.backbone["num_hidden_layers"], b1.grid) == (1024, 24, 14)
+    assert b2.backbone["dims"] == [128, 256, 512, 1024] and b2.grid == 20 and norm == "gn"
+
+
+def test_unknown_branch_id_is_a_clear_error(tmp_path):
+    src, _ = write_checkpoint(tmp_path, "clip", "safetensors")
+    py = os.path.join(src, "configs/piip-llava_clip_tiny.py")
+    with open(py) as f:
+        text = f.read()
+    with open(py, "w") as f:
+        f.write(text.replace("pretrained/tiny-clip-b", "someone/unknown-clip"))
+    with pytest.raises(ConversionError, match=r"branch2\.pretrained 'someone/unknown-clip' is not a known"):
+        build_config(src)
+    assert main([src, str(tmp_path / "out")]) == 1
+    # ... unless the architecture may come from the tensor shapes
+    from piip_llava.models.convert_official import load_official_state_dict
+
+    config = build_config(src, load_official_state_dict(src), infer_from_weights=True)
+    b2 = config.vision_config.branch_configs()[1]
+    assert (b2.backbone["hidden_size"], b2.backbone["num_hidden_layers"], b2.backbone["image_size"]) == (32, 2, 64)
+
+
+def test_convnext_architecture_from_weights(tmp_path):
+    src, sd = write_checkpoint(tmp_path, "mix", "safetensors")
+    py = os.path.join(src, "configs/piip-llava_mix_tiny.py")
+    with open(py) as f:
+        text = f.read()
+    with open(py, "w") as f:
+        f.write(text.replace("pretrained/tiny-convnext", "not/a-known-convnext"))
+    from piip_llava.models.convert_official import load_official_state_dict
+
+    config = build_config(src, load_official_state_dict(src), infer_from_weights=True)
+    assert config.vision_config.branch_configs()[1].backbone == CONVNEXT
+    assert main([src, str(tmp_path / "out"), "--infer-from-weights"]) == 0
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path, capsys):
+    drop = f"{T}interactions.1.interaction_units_12.branch1to2_injector.ffn.fc1.bias"
+    src, _ = write_checkpoint(tmp_path, "clip", "safetensors", drop_keys=(drop,),
+                              extra_keys={"model.vision_tower.vision_tower.branch1.clip_model.extra.weight": torch.ones(2)})
+    assert main([src, str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "1 missing key(s)" in err and "interactions.1.interaction_units_12.branch1to2_injector.ffn.fc1.bias" in err
+    assert "1 unexpected key(s)" in err and "vision_tower.branches.0.model.extra.weight" in err
+
+
+def test_interaction_count_mismatch_is_a_clear_error(tmp_path):
+    extra = {f"{T}interactions.2.interaction_units_12.branch2to1_proj.weight": torch.ones(64, 32)}
+    src, _ = write_checkpoint(tmp_path, "clip", "safetensors", extra_keys=extra)
+    with pytest.raises(ConversionError, match="3 interaction blocks .* declares 2"):
+        from piip_llava.models.convert_official import convert_checkpoint
+
+        convert_checkpoint(src, str(tmp_path / "out"))
+
+
+def test_tower_config_is_parsed_without_executing(tmp_path):
+    py = tmp_path / "evil.py"
+    py.write_text("import os\nos.system('touch pwned')\nmodel = dict(backbone=dict(branch1=dict(img_size=8)))\n")
+    assert parse_tower_config(str(py)) == {"backbone": {"branch1": {"img_size": 8}}}
+    assert not (tmp_path / "pwned").exists()
+    bad = tmp_path / "bad.py"
+    bad.write_text("model = dict(backbone=make_backbone())\n")
+    with pytest.raises(ConversionError, match="bad.py:1"):
+        parse_tower_config(str(bad))
