@@ -297,8 +297,6 @@ def build_config(
         raise ConversionError(f"{cfg_path}: mm_vision_select_feature must be 'patch'")
     if llava.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ConversionError(f"{cfg_path}: mm_projector_type {llava.get('mm_projector_type')!r} is not mlp2x_gelu")
-    tower_cfg = {"backbone": {"branch1": {"model_type": "clip_hf", "img_size": 0, "pretrained": tower}}}
-    # resolve the architecture first to learn the image size
     search = [src, os.getcwd()]
     probe = _local_backbone(tower, search) or _builtin_backbones().get(tower)
     if probe is None and infer_from_weights and state_dict is not None:
@@ -307,10 +305,9 @@ def build_config(
         raise ConversionError(f"{cfg_path}: vision tower {tower!r} is not a known CLIP id nor a local folder; pass "
                               "--infer-from-weights to derive it from the checkpoint's shapes")
     backbone = probe[1]
-    tower_cfg["backbone"]["branch1"].update(img_size=backbone["image_size"], patch_size=backbone["patch_size"],
-                                            use_cls_token=True)
     branch = {"type": "clip", "image_size": backbone["image_size"], "backbone": backbone, "pretrained": tower,
-              "patch_size": backbone["patch_size"], "select_layer": int(llava.get("mm_vision_select_layer", -2))}
+              "patch_size": backbone["patch_size"], "use_cls_token": True, "interaction_indexes": [],
+              "select_layer": int(llava.get("mm_vision_select_layer", -2))}
     mean, std = CLIP_MEAN, CLIP_STD  # LLaVA-1.5 normalises with the CLIP processor's statistics
     return PiipLlavaConfig(vision_config={"branches": [branch], "interaction": {}}, projector_type="mlp2x_gelu",
                            image_mean=mean, image_std=std, **common)

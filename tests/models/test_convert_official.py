@@ -604,3 +604,37 @@ def test_tower_config_is_parsed_without_executing(tmp_path):
     bad.write_text("model = dict(backbone=make_backbone())\n")
     with pytest.raises(ConversionError, match="bad.py:1"):
         parse_tower_config(str(bad))
+
+
+def test_plain_llava15_checkpoint(tmp_path):
+    """LLaVA-1.5: CLIP tower named by a local folder, penultimate layer, patch tokens, mlp2x_gelu projector;
+    a single safetensors file without index."""
+    src = tmp_path / "llava15"
+    (src / "clip-tiny").mkdir(parents=True)
+    arch = dict(CLIP_L, image_size=64)
+    (src / "clip-tiny" / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **arch}))
+    gen = Gen(5)
+    write_clip(gen, "model.vision_tower.vision_tower.vision_model.", arch)
+    D = LLAMA["hidden_size"]
+    gen.linear("model.mm_projector.0", D, 64)
+    gen.linear("model.mm_projector.2", D, D)
+    write_llama(gen)
+    save_file(gen.sd, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(llava_config("clip-tiny")))
+    dst = str(tmp_path / "out")
+    assert main([str(src), dst]) == 0
+    model = PiipLlavaForConditionalGeneration.from_pretrained(dst).eval()
+    assert model.config.projector_type == "mlp2x_gelu" and model.config.num_image_tokens == 16
+
+    sd = {k.replace("model.vision_tower.vision_tower.vision_model.", f"{T}branch1.clip_model."): v
+          for k, v in gen.sd.items()}
+    ref = OfficialReference(sd, {"backbone": {}}, {1: arch})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        t, cls, _, _ = ref.clip_embed(1, x)
+        y = torch.cat([cls, t], 1)
+        for i in range(arch["num_hidden_layers"] - 1):  # hidden_states[-2]
+            y = ref.clip_layer(1, i, y)
+        feats = y[:, 1:]  # select_feature "patch"
+        visual = ref.lin(F.gelu(ref.lin(feats, "model.mm_projector.0")), "model.mm_projector.2")
+        torch.testing.assert_close(model.get_image_features(x), visual, rtol=1e-4, atol=1e-4)
