@@ -6,7 +6,7 @@ Image upload (changing the image restarts the conversation), multi-turn chat wit
 top-p / max-new-tokens controls, regenerate, clear, example images from `piip_llava/serve/examples/`. When a
 conversation no longer fits the context, the oldest turns are dropped for the model and a notice says so. Bad input
 (a file that is not an image, an image over the pixel limit, an empty message, a single message over the context)
-shows an error and the app keeps serving.
+shows a warning toast and a notice line, leaves the conversation as it was, and the app keeps serving.
 
 `build_demo(engine)` returns the queued `gr.Blocks`; the named endpoint `/chat` (message, image, history,
 temperature, top_p, max_new_tokens) -> (history, cleared textbox, notice) is callable with `gradio_client`.
@@ -89,6 +89,14 @@ def example_rows() -> list[list[str]]:
     return rows
 
 
+class BadInput(ValueError):
+    """Input the demo refuses (shown to the user, never a crash)."""
+
+    def __init__(self, title: str, message: str) -> None:
+        super().__init__(message)
+        self.title, self.message = title, message
+
+
 class DemoHandlers:
     """Event handlers bound to one engine. Inputs arrive unpreprocessed (`preprocess=False`) so that the image file
     is opened by `engine.open_image` (pixel limit, clear error for non-images) rather than by Gradio."""
@@ -107,40 +115,48 @@ class DemoHandlers:
             return self.engine.open_image(path)
         except ImageLoadError as e:
             reason = str(e).replace(str(path), name)
-            raise gr.Error(f"Cannot use the uploaded file {name}: {reason}", title="Invalid image",
-                           print_exception=False) from e
+            raise BadInput("Invalid image", f"Cannot use the uploaded file {name}: {reason}") from e
 
     def chat(self, message: str | None, image: Any, history: History | None, temperature: float, top_p: float,
              max_new_tokens: float) -> Iterator[Outputs]:
-        text = (message or "").strip()
-        if not text:
-            raise gr.Error("Type a message first.", title="Empty message", print_exception=False)
-        pil = self._image(image)
+        """Stream the answer to `message`. Bad input leaves the conversation and the typed text as they were and
+        explains itself in a warning toast and in the notice line (an error would blank the chat in the page)."""
         past = history_to_messages(history)
-        messages = [*past, {"role": "user", "content": text}]
-        max_new = int(max_new_tokens)
         try:
-            request, truncated = self.engine.fit_messages(ChatRequest(messages, pil), max_new)
-        except PromptTooLongError as e:
-            raise gr.Error(f"This message is too long for the model: {e}. Shorten it or lower max new tokens.",
-                           title="Message too long",
-                           print_exception=False) from e
+            request, truncated = self._request(message, image, past, int(max_new_tokens))
+        except BadInput as e:
+            gr.Warning(e.message, title=e.title)
+            yield past, message or "", f"⚠️ {e.message}"
+            return
+        text = request.messages[-1]["content"]
         notice = ""
         if truncated:
-            dropped = (len(messages) - len(request.messages)) // 2
+            dropped = (len(past) + 1 - len(request.messages)) // 2
             notice = (f"⚠️ The conversation was truncated to fit the model's context of {self.engine.max_context} "
                       f"tokens: the oldest {dropped} turn(s) are no longer seen by the model.")
-            gr.Warning(notice)
+            gr.Warning(notice, title="Conversation truncated")
         shown: History = [*past, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield shown, "", notice
         answer = ""
-        for delta in self.engine.stream(request, max_new, float(temperature), float(top_p)):
+        for delta in self.engine.stream(request, int(max_new_tokens), float(temperature), float(top_p)):
             answer += delta
             shown[-1] = {"role": "assistant", "content": answer}
             yield shown, "", notice
         if not answer:
             shown[-1] = {"role": "assistant", "content": "(the model gave an empty answer)"}
             yield shown, "", notice
+
+    def _request(self, message: str | None, image: Any, past: list[dict[str, str]],
+                 max_new_tokens: int) -> tuple[ChatRequest, bool]:
+        text = (message or "").strip()
+        if not text:
+            raise BadInput("Empty message", "Type a message first.")
+        messages = [*past, {"role": "user", "content": text}]
+        try:
+            return self.engine.fit_messages(ChatRequest(messages, self._image(image)), max_new_tokens)
+        except PromptTooLongError as e:
+            raise BadInput("Message too long", f"This message is too long for the model: {e}. Shorten it or lower "
+                           "max new tokens.") from e
 
     def regenerate(self, image: Any, history: History | None, temperature: float, top_p: float,
                    max_new_tokens: float) -> Iterator[Outputs]:
@@ -149,7 +165,9 @@ class DemoHandlers:
         while turns and turns[-1]["role"] == "assistant":
             turns.pop()
         if not turns:
-            raise gr.Error("Nothing to regenerate yet.", title="Empty conversation", print_exception=False)
+            gr.Warning("Nothing to regenerate yet.", title="Empty conversation")
+            yield [], "", "⚠️ Nothing to regenerate yet."
+            return
         last = content_text(turns.pop()["content"])
         yield from self.chat(last, image, turns, temperature, top_p, max_new_tokens)
 
