@@ -14,8 +14,10 @@ the interactions trained too) and the config; stage 2 loads them with `--pretrai
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -111,6 +113,27 @@ def apply_tune_policy(model: PiipLlavaForConditionalGeneration, tune: str) -> di
     return counts
 
 
+@contextlib.contextmanager
+def full_model_init(args: PiipTrainingArguments) -> Iterator[None]:
+    """Build models with full weights on every rank even under ZeRO-3; DeepSpeed partitions them at engine start.
+
+    transformers would otherwise construct the composed LLM under `deepspeed.zero.Init` (partitioned) while the
+    tower and projector stay whole, and its weight init fails on the partitioned embedding. The cost is host memory:
+    each rank holds the fp32 model once before partitioning (use fewer ranks per node or zero3_offload if short).
+    """
+    hf_ds_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_ds_config is None or not hf_ds_config.is_zero3():
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_ds_config)
+
+
 def build_training_model(model_args: ModelArguments, args: PiipTrainingArguments) -> PiipLlavaForConditionalGeneration:
     """Seeded base model + stage-1 weights (`pretrained_projector`) + the `tune` freeze policy (before LoRA)."""
     from transformers import set_seed
@@ -192,8 +215,6 @@ def gathered_state_dict(module: nn.Module, prefix: str) -> dict[str, torch.Tenso
 
         ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     else:
-        import contextlib
-
         ctx = contextlib.nullcontext()
     with ctx:
         return {f"{prefix}{k}": v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}

@@ -19,7 +19,7 @@ from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDatas
 from ..data.tokenizer import load_tokenizer
 from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor
 from .arguments import DataArguments, ModelArguments, PiipTrainingArguments, parse_args
-from .model_setup import apply_lora, build_training_model, save_stage1_weights, unwrap_piip
+from .model_setup import apply_lora, build_training_model, full_model_init, save_stage1_weights, unwrap_piip
 from .trainer import PiipTrainer, ProgressLogCallback
 
 logger = logging.getLogger("piip_llava.train")
@@ -97,15 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     model_args, data_args, args = parse_args(argv)
     setup_logging(args)
     tokenizer = load_tokenizer(model_args.tokenizer_path, model_max_length=data_args.model_max_length)
-    model = build_training_model(model_args, args)
-    config = model.config
-    if len(tokenizer) > config.text_config.vocab_size:
-        raise ValueError(f"tokenizer {model_args.tokenizer_path} has {len(tokenizer)} tokens but the LLM vocabulary "
-                         f"is {config.text_config.vocab_size}")
-    if args.stage == 2:  # inference reads the template and the aspect mode the model was tuned with
-        config.conversation_template, config.image_aspect_ratio = resolve_template_and_aspect(data_args, args, config)
-    if args.tune == "lora":
-        model = apply_lora(model, model_args, args, tokenizer)
+    with full_model_init(args):
+        model = build_training_model(model_args, args)
+        config = model.config
+        if len(tokenizer) > config.text_config.vocab_size:
+            raise ValueError(f"tokenizer {model_args.tokenizer_path} has {len(tokenizer)} tokens but the LLM "
+                             f"vocabulary is {config.text_config.vocab_size}")
+        if args.stage == 2:  # inference reads the template and the aspect mode the model was tuned with
+            config.conversation_template, config.image_aspect_ratio = resolve_template_and_aspect(data_args, args, config)
+        if args.tune == "lora":
+            model = apply_lora(model, model_args, args, tokenizer)
     piip = unwrap_piip(model)
     apply_gradient_checkpointing(piip, args)
     dataset, collator = build_data(data_args, args, piip.config, tokenizer)
