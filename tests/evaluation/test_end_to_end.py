@@ -20,6 +20,17 @@ def _cli(name):
     return mod.main
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """On the small shared CI box, 2 competing OpenMP threads make each decoding step 10-40x slower."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tokenizer_dir):
     from piip_llava.testing import build_tiny_checkpoint
@@ -99,7 +110,7 @@ def test_eval_all_script_runs_present_benchmarks_and_skips_others(tiny_ckpt, tex
 
     data = textvqa_fixture["root"].parent  # <tmp>/textvqa/... is the LLaVA layout
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, EVAL_ARGS="--max-new-tokens 2 --batch-size 16 --no-progress")
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", EVAL_ARGS="--max-new-tokens 2 --batch-size 16 --no-progress")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "eval_all.sh"), tiny_ckpt, str(data), str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -111,3 +122,13 @@ def test_eval_all_script_runs_present_benchmarks_and_skips_others(tiny_ckpt, tex
     assert row.split(" | ")[3] == f"{score:.1f}" and row.endswith("| - |")  # TextVQA column; no Avg
     assert "| LLaVA-1.5 7B (CLIP-L 336) | 64.3 | 31.1 | 58.2 |" in proc.stdout
     assert (out / "report.png").stat().st_size > 0 and (out / "report.csv").exists()
+
+
+def test_throughput_batch16_at_least_4x_batch1(tiny_ckpt, capsys):
+    spec = importlib.util.spec_from_file_location("eval_throughput", REPO / "benchmarks" / "eval_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--checkpoint", tiny_ckpt, "--num-questions", "48", "--max-new-tokens", "16", "--min-speedup", "4"])
+    out = capsys.readouterr().out
+    assert "greedy answers identical across batch sizes: True" in out
+    assert rc == 0, out
