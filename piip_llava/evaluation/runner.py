@@ -10,7 +10,8 @@ then
   because TextVQA's ``question_id`` is the image id and repeats), cutting off a half-written last line;
 * loads images per batch; a missing file, undecodable base64 or malformed row becomes an **error record** in
   the answers file (``"error"`` field, ``text`` empty), counted in the summary, never a crash;
-* calls ``engine.generate`` on the rest, appends one JSON line per question in question order, then flushes and
+* calls ``engine.generate`` on the rest (a batch refused with a ValueError, e.g. a prompt over the context, is
+  retried one by one and the offending questions become error records), appends one JSON line per question in question order, then flushes and
   ``os.fsync``s, so a crash loses at most the batch in flight;
 * shows a tqdm bar (questions/s, ETA) and returns a summary dict.
 
@@ -221,6 +222,22 @@ def _make_request(message: str, image: Image.Image | None):
     return ChatRequest(messages=[{"role": "user", "content": message}], image=image)
 
 
+def _generate_batch(engine: GenerationEngine, requests: list, gen_kwargs: dict) -> list[str | ValueError]:
+    """``engine.generate`` on the batch; when it refuses the batch with a ValueError (e.g. a prompt longer than
+    the context), retry one by one so only the offending questions become error records."""
+    if not requests:
+        return []
+    try:
+        outputs = engine.generate(requests, **gen_kwargs)
+    except ValueError as exc:
+        if len(requests) == 1:
+            return [exc]
+        return [out for r in requests for out in _generate_batch(engine, [r], gen_kwargs)]
+    if len(outputs) != len(requests):
+        raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(requests)} requests")
+    return list(outputs)
+
+
 def run_generation(
     questions: Sequence[QuestionRecord],
     engine: GenerationEngine,
@@ -278,10 +295,12 @@ def run_generation(
                     continue
                 requests.append(_make_request(q.message, image))
                 asked.append(i)
-            outputs = engine.generate(requests, **gen_kwargs) if requests else []
-            if len(outputs) != len(requests):
-                raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(requests)} requests")
-            texts = dict(zip(asked, (o.strip() for o in outputs)))
+            texts: dict[int, str] = {}
+            for i, out in zip(asked, _generate_batch(engine, requests, gen_kwargs)):
+                if isinstance(out, Exception):
+                    errors[i] = f"{type(out).__name__}: {out}"
+                else:
+                    texts[i] = out.strip()
             lines = []
             for i, q in enumerate(batch):
                 if i in errors:

@@ -139,3 +139,19 @@ def test_resume_appends_after_file_without_final_newline(tmp_path):
     run_generation(qs, eng, out, progress=False)
     assert eng.asked == ["m1", "m2"]
     assert [(r["question_id"], r["text"]) for r in read_answers(out)] == [(0, "old"), (1, "2|None"), (2, "2|None")]
+
+
+def test_prompt_too_long_becomes_error_record_not_crash(tmp_path):
+    class PickyEngine(FakeEngine):
+        def generate(self, requests, **kw):
+            if any("LONG" in r.messages[0]["content"] for r in requests):
+                raise ValueError("the prompt needs 5000 tokens, over the model's context of 2048")
+            return super().generate(requests, **kw)
+
+    qs = [QuestionRecord(i, f"p{i}", "LONG" if i == 2 else f"m{i}") for i in range(4)]
+    eng = PickyEngine()
+    s = run_generation(qs, eng, tmp_path / "a.jsonl", batch_size=4, progress=False)
+    recs = read_answers(tmp_path / "a.jsonl")
+    assert [r.get("error", "")[:10] for r in recs] == ["", "", "ValueError", ""]
+    assert [r["text"] for r in recs] == ["2|None", "2|None", "", "2|None"]
+    assert s["errors"] == 1 and s["error_ids"] == [2] and eng.asked == ["m0", "m1", "m3"]
