@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from piip_llava.constants import DEFAULT_MAX_IMAGE_PIXELS
 from piip_llava.models.processing_piip_llava import load_image
@@ -266,18 +267,20 @@ def run_generation(
     done_marker = path.with_name(path.name + ".done.json")
     done_marker.unlink(missing_ok=True)  # an older marker must not let merge_chunks read a file in progress
     existing = read_answers(path, repair=True)
-    done = {answer_key(r.get("question_id"), r.get("prompt")) for r in existing
-            if not (retry_errors and r.get("error"))}
+    if retry_errors and any(r.get("error") for r in existing):
+        # drop the error records to be retried, so the file never holds two lines for one question
+        existing = [r for r in existing if not r.get("error")]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            _write_lines(f, existing)
+        os.replace(tmp, path)
+    done = {answer_key(r.get("question_id"), r.get("prompt")) for r in existing}
     todo = [q for q in mine if answer_key(q.question_id, q.prompt) not in done]
     summary = {"num_questions": len(mine), "already_answered": len(mine) - len(todo), "answered": 0,
                "errors": 0, "error_ids": [], "answers_file": str(path),
                "num_chunks": shard.num_chunks, "chunk_idx": shard.chunk_idx}
 
-    try:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), unit="q", desc=path.stem, disable=not progress, dynamic_ncols=True)
-    except ImportError:  # tqdm is a hard dependency; this keeps the loop usable without it
-        bar = None
+    bar = tqdm(total=len(todo), unit="q", desc=path.stem, disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     with open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
@@ -311,10 +314,8 @@ def run_generation(
                     lines.append(_answer_line(q, texts[i], model_id, None))
                     summary["answered"] += 1
             _write_lines(f, lines)
-            if bar is not None:
-                bar.update(len(batch))
-    if bar is not None:
-        bar.close()
+            bar.update(len(batch))  # rate in questions/s and ETA
+    bar.close()
     elapsed = time.perf_counter() - t0
     summary["elapsed_s"] = round(elapsed, 3)
     summary["questions_per_s"] = round(len(todo) / elapsed, 3) if elapsed > 0 and todo else None

@@ -155,3 +155,16 @@ def test_prompt_too_long_becomes_error_record_not_crash(tmp_path):
     assert [r.get("error", "")[:10] for r in recs] == ["", "", "ValueError", ""]
     assert [r["text"] for r in recs] == ["2|None", "2|None", "", "2|None"]
     assert s["errors"] == 1 and s["error_ids"] == [2] and eng.asked == ["m0", "m1", "m3"]
+
+
+def test_retry_errors_replaces_error_records(tmp_path):
+    img = tmp_path / "late.png"
+    qs = [QuestionRecord(0, "p0", "m0"), QuestionRecord(1, "p1", "m1", image=image_from_file(img))]
+    out = tmp_path / "a.jsonl"
+    assert run_generation(qs, FakeEngine(), out, progress=False)["errors"] == 1
+    Image.new("RGB", (4, 4)).save(img)  # the missing image appears
+    eng = FakeEngine()
+    s = run_generation(qs, eng, out, progress=False, retry_errors=True)
+    assert eng.asked == ["m1"] and s["answered"] == 1
+    assert [(r["question_id"], r["text"], "error" in r) for r in read_answers(out)] == [
+        (0, "2|None", False), (1, "2|((4, 4), 'RGB')", False)]
