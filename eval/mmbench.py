@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
                                             lang=args.lang)
         gen = generate_answers(args, questions)
         if not gen["merged"]:
-            print(f"chunk written to {gen['answers_file']}; merge with --merge-chunks {gen['num_chunks']}")
             return 0
     if args.submission:
         out = write_submission_xlsx(args.question_file, args.answers_file,

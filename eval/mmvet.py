@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--question-file is required to generate")
         gen = generate_answers(args, load_question_jsonl(args.question_file, args.image_folder))
         if not gen["merged"]:
-            print(f"chunk written to {gen['answers_file']}; merge with --merge-chunks {gen['num_chunks']}")
             return 0
     dst = args.results or str(Path(args.answers_file).parent / "mmvet_results.json")
     n = len(write_mmvet_results(args.answers_file, dst))

@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.score_only:
         gen = generate_answers(args, load_question_jsonl(args.question_file, args.image_folder))
         if not gen["merged"]:
-            print(f"chunk written to {gen['answers_file']}; merge with --merge-chunks {gen['num_chunks']}")
             return 0
     s = score_pope(args.answers_file, args.question_file, args.annotation_dir)
     for cat, m in s["per_category"].items():

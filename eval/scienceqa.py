@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
                                       single_pred_prompt=not args.no_single_pred_prompt)
         gen = generate_answers(args, qs)
         if not gen["merged"]:
-            print(f"chunk written to {gen['answers_file']}; merge with --merge-chunks {gen['num_chunks']}")
             return 0
     base = Path(args.base_dir)
     s = score_scienceqa(args.answers_file, base / "problems.json", base / "pid_splits.json", args.split)

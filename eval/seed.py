@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
             keep = lambda row: str(row["question_id"]) in image_ids  # noqa: E731
         gen = generate_answers(args, load_question_jsonl(args.question_file, args.image_folder, keep=keep))
         if not gen["merged"]:
-            print(f"chunk written to {gen['answers_file']}; merge with --merge-chunks {gen['num_chunks']}")
             return 0
     s = score_seed(args.answers_file, args.seed_json, data_type="image")
     print(f"image accuracy: {s['accuracy']:.2f}%")

@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         questions = load_textvqa_questions(args.question_file, args.image_folder, ocr=not args.no_ocr)
         gen = generate_answers(args, questions)
         if not gen["merged"]:
-            print(f"chunk written to {gen['answers_file']}; merge with --merge-chunks {gen['num_chunks']}")
             return 0
         answers = args.answers_file
     summary = score_answers(answers, args.annotation_file)

@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--question-file is required to generate")
         gen = generate_answers(args, load_question_jsonl(args.question_file, args.image_folder))
         if not gen["merged"]:
-            print(f"chunk written to {gen['answers_file']}; merge with --merge-chunks {gen['num_chunks']}")
             return 0
     dst = args.submission or str(Path(args.answers_file).parent / "vqav2_submission.json")
     info = write_vqav2_submission(args.answers_file, args.test_split, dst)

@@ -74,6 +74,11 @@ def generate_answers(args: argparse.Namespace, questions: Sequence[QuestionRecor
     if torchrun and shard.chunk_idx == 0:
         summary["merge"] = merge_chunks(answers, shard.num_chunks, wait_s=args.merge_wait_s)
         summary["merged"] = True
+    elif torchrun:
+        print(f"rank {shard.chunk_idx}: chunk written to {summary['answers_file']}; rank 0 merges and scores")
+    elif shard.sharded:
+        print(f"chunk written to {summary['answers_file']}; when all {shard.num_chunks} chunks are done, rerun "
+              f"with --merge-chunks {shard.num_chunks} to merge and score")
     return summary
 
 
