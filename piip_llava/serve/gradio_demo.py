@@ -31,6 +31,7 @@ from .inference import ChatRequest, InferenceEngine, PromptTooLongError
 EXAMPLES_DIR = os.path.join(os.path.dirname(__file__), "examples")
 TITLE = "# PIIP-LLaVA\nUpload an image, then chat about it. Changing the image starts a new conversation."
 
+EMPTY_ANSWER = "(the model gave an empty answer)"  # shown instead of an empty bubble; the model sees ""
 History = list[dict[str, Any]]
 Outputs = tuple[History, str, str]
 
@@ -58,7 +59,7 @@ def history_to_messages(history: History | None) -> list[dict[str, str]]:
                 messages.pop()
             messages.append({"role": "user", "content": text})
         elif role == "assistant" and messages and messages[-1]["role"] == "user":
-            messages.append({"role": "assistant", "content": text})
+            messages.append({"role": "assistant", "content": "" if text == EMPTY_ANSWER else text})
     if messages and messages[-1]["role"] == "user":
         messages.pop()
     return messages
@@ -143,7 +144,7 @@ class DemoHandlers:
             shown[-1] = {"role": "assistant", "content": answer}
             yield shown, "", notice
         if not answer:
-            shown[-1] = {"role": "assistant", "content": "(the model gave an empty answer)"}
+            shown[-1] = {"role": "assistant", "content": EMPTY_ANSWER}
             yield shown, "", notice
 
     def _request(self, message: str | None, image: Any, past: list[dict[str, str]],
