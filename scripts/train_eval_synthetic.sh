@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Train one preset on the synthetic dataset through the real stage scripts, then evaluate it with the real eval CLIs.
+# Used by scripts/quickstart.sh and scripts/experiments/inverted_pyramid.sh.
+#
+#   DATA (synthetic dataset folder), TOKENIZER_PATH, PRESET, RUN_DIR (outputs: stage1/, stage2/, eval/)
+#   STAGE1_STEPS, STAGE2_STEPS, STAGE1_LR, STAGE2_LR, BATCH (per step), NPROC (1: one process, no DeepSpeed;
+#   >1: torchrun + DeepSpeed ZeRO-2 on the CPU), EVAL_BATCH, PYTHON
+set -euo pipefail
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$SCRIPT_DIR")"
+: "${DATA:?}" "${TOKENIZER_PATH:?}" "${PRESET:?}" "${RUN_DIR:?}"
+PYTHON="${PYTHON:-python}"
+NPROC="${NPROC:-1}"
+BATCH="${BATCH:-16}"
+if [ "$NPROC" -gt 1 ]; then ZERO="${ZERO:-2}"; else ZERO="${ZERO:-none}"; fi
+PER_DEVICE=$(( BATCH / NPROC ))
+export PYTHON NPROC ZERO TOKENIZER_PATH PRESET
+export GRAD_CKPT=false MAX_LEN="${MAX_LEN:-512}" LOGGING_STEPS="${LOGGING_STEPS:-25}" SAVE_STEPS=100000 RESUME=auto
+
+echo "== [$PRESET] stage 1: projector alignment on captions (${STAGE1_STEPS:-100} steps)"
+DATA_PATH="$DATA/stage1.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage1" \
+  MAX_STEPS="${STAGE1_STEPS:-100}" LR="${STAGE1_LR:-1e-3}" PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${STAGE1_WARMUP:-0.03}" \
+  bash "$SCRIPT_DIR/pretrain_piip_llava.sh"
+
+echo "== [$PRESET] stage 2: instruction tuning, everything trainable (${STAGE2_STEPS:-1000} steps)"
+DATA_PATH="$DATA/stage2.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage2" PRETRAINED_PROJECTOR="$RUN_DIR/stage1" \
+  MAX_STEPS="${STAGE2_STEPS:-1000}" LR="${STAGE2_LR:-1e-3}" PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${STAGE2_WARMUP:-0.03}" \
+  bash "$SCRIPT_DIR/finetune_piip_llava.sh"
+
+echo "== [$PRESET] evaluation: synthetic TextVQA and MMBench"
+mkdir -p "$RUN_DIR/eval"
+"$PYTHON" "$REPO/eval/textvqa.py" --model-path "$RUN_DIR/stage2" \
+  --question-file "$DATA/eval/textvqa/llava_textvqa_val_v051_ocr.jsonl" \
+  --image-folder "$DATA/eval/textvqa/train_images" --annotation-file "$DATA/eval/textvqa/TextVQA_0.5.1_val.json" \
+  --answers-file "$RUN_DIR/eval/textvqa_answers.jsonl" --batch-size "${EVAL_BATCH:-16}" --max-new-tokens 8
+"$PYTHON" "$REPO/eval/mmbench.py" --model-path "$RUN_DIR/stage2" \
+  --question-file "$DATA/eval/mmbench/mmbench_dev_synthetic.tsv" \
+  --answers-file "$RUN_DIR/eval/mmbench_answers.jsonl" --batch-size "${EVAL_BATCH:-16}" --max-new-tokens 8 \
+  --score --submission "$RUN_DIR/eval"
