@@ -117,6 +117,15 @@ def test_regenerate_on_empty_conversation(client):
     assert history == [] and "Nothing to regenerate" in notice
 
 
+def test_two_users_at_once(client, engine, images):
+    """The queue admits several sessions at once (generation is serialised by the engine); both get their answers."""
+    jobs = [client.submit(q, handle_file(images[img]), [], 0.0, 1.0, MAX_NEW, api_name="/chat")
+            for q, img in [("first user", "red"), ("second user", "blue")]]
+    results = [j.result(timeout=300)[0] for j in jobs]
+    assert text_of(results[0][1]) == expected(engine, [{"role": "user", "content": "first user"}], images["red"])
+    assert text_of(results[1][1]) == expected(engine, [{"role": "user", "content": "second user"}], images["blue"])
+
+
 def test_examples_exist():
     from piip_llava.serve.gradio_demo import example_rows
 
