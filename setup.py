@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         "train": ["deepspeed>=0.16", "tensorboard>=2.15"],
-        "serve": ["gradio>=5,<7", "gradio_client>=1.5", "fastapi>=0.110", "uvicorn>=0.29", "sse-starlette>=2.0"],
+        "serve": ["gradio>=5,<7", "gradio_client>=1.5", "fastapi>=0.110", "uvicorn>=0.29"],
         "flash": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "openai>=1.40", "playwright>=1.45", "httpx>=0.27"],
     },

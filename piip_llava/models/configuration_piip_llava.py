@@ -180,7 +180,8 @@ class PiipVisionConfig(PretrainedConfig):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.branches = [dict(b) if not isinstance(b, BranchConfig) else b.to_dict() for b in (branches or [])]
+        # normalised through BranchConfig: validated, defaults filled in (e.g. interaction_indexes)
+        self.branches = [(b if isinstance(b, BranchConfig) else BranchConfig(**b)).to_dict() for b in (branches or [])]
         self.interaction = dict(interaction or {}) if not isinstance(interaction, InteractionConfig) else interaction.to_dict()
         if not self.branches:  # an empty config is what transformers builds to read defaults: leave it unchecked
             return
