@@ -96,6 +96,7 @@ def save_final(trainer: PiipTrainer, args: PiipTrainingArguments, tokenizer) -> 
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, args = parse_args(argv)
     setup_logging(args)
+    logger.info("world size %d (%s), stage %d, tune %s", args.world_size, args.parallel_mode.value, args.stage, args.tune)
     tokenizer = load_tokenizer(model_args.tokenizer_path, model_max_length=data_args.model_max_length)
     with full_model_init(args):
         model = build_training_model(model_args, args)

@@ -92,6 +92,7 @@ def test_stage1_then_stage2_zero2_through_scripts(data, tokenizer_dir, tmp_path)
     out = run_script("pretrain_piip_llava.sh", ZERO=2, TOKENIZER_PATH=tokenizer_dir, DATA_PATH=data["stage1"],
                      IMAGE_FOLDER=data["root"], OUTPUT_DIR=s1, LR="1e-2", SAVE_STEPS=4)
     assert f"final checkpoint: {s1}" in out
+    assert "world size 2 (distributed)" in out  # both ranks train together (the CPU failure mode is silent)
 
     # stage 1 wrote the projector only, and every frozen tensor is bit-identical to the initial model
     projector = load_file(os.path.join(s1, "mm_projector.safetensors"))
