@@ -152,6 +152,23 @@ def _cli_value(argv: list[str], name: str) -> str | None:
     return value
 
 
+def ensure_launcher_env(deepspeed_config: str | None) -> None:
+    """A plain `python -m piip_llava.train --deepspeed ...` (no launcher): declare a 1-process world.
+
+    Otherwise DeepSpeed falls back to MPI discovery and fails without mpi4py.
+    """
+    if not deepspeed_config or "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
 def init_cpu_deepspeed_state(deepspeed_config: str | None) -> dict[str, Any]:
     """Trainer + DeepSpeed + CPU + several processes: pre-build accelerate's state on gloo (see the CPU notes §4.2).
 
@@ -188,6 +205,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if unknown:
         raise ValueError(f"unknown argument(s) in the YAML file: {', '.join(unknown)}")
     deepspeed_config = _cli_value(argv, "deepspeed") or defaults.get("deepspeed")
+    ensure_launcher_env(deepspeed_config)
     extra = init_cpu_deepspeed_state(deepspeed_config)
     if not torch.cuda.is_available() and not deepspeed_config:
         extra["use_cpu"] = True  # else each DDP rank silently trains alone on the CPU

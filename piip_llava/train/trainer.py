@@ -48,6 +48,7 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float,
         group_lr = module_lrs.get(group) or lr
         groups.append({"params": params, "lr": group_lr, "weight_decay": weight_decay if decay else 0.0,
                        "name": f"{group}{'' if decay else '_no_decay'}"})
+    groups.sort(key=lambda g: g["lr"] != lr)  # stable: the Trainer logs the first group's LR, so make it the base LR
     return groups
 
 
