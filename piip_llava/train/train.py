@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from torch import nn
 
 from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from ..data.tokenizer import load_tokenizer
@@ -93,11 +94,9 @@ def save_final(trainer: PiipTrainer, args: PiipTrainingArguments, tokenizer) -> 
     return os.path.abspath(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, args = parse_args(argv)
-    setup_logging(args)
-    logger.info("world size %d (%s), stage %d, tune %s", args.world_size, args.parallel_mode.value, args.stage, args.tune)
-    tokenizer = load_tokenizer(model_args.tokenizer_path, model_max_length=data_args.model_max_length)
+def prepare_model(model_args: ModelArguments, data_args: DataArguments, args: PiipTrainingArguments,
+                  tokenizer) -> nn.Module:
+    """Seeded model + stage-1 weights + freeze policy (+ LoRA), stage-2 config updates, gradient checkpointing."""
     with full_model_init(args):
         model = build_training_model(model_args, args)
         config = model.config
@@ -108,9 +107,17 @@ def main(argv: list[str] | None = None) -> int:
             config.conversation_template, config.image_aspect_ratio = resolve_template_and_aspect(data_args, args, config)
         if args.tune == "lora":
             model = apply_lora(model, model_args, args, tokenizer)
-    piip = unwrap_piip(model)
-    apply_gradient_checkpointing(piip, args)
-    dataset, collator = build_data(data_args, args, piip.config, tokenizer)
+    apply_gradient_checkpointing(unwrap_piip(model), args)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, args = parse_args(argv)
+    setup_logging(args)
+    logger.info("world size %d (%s), stage %d, tune %s", args.world_size, args.parallel_mode.value, args.stage, args.tune)
+    tokenizer = load_tokenizer(model_args.tokenizer_path, model_max_length=data_args.model_max_length)
+    model = prepare_model(model_args, data_args, args, tokenizer)
+    dataset, collator = build_data(data_args, args, unwrap_piip(model).config, tokenizer)
     trainer = PiipTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
         group_by_modality_length=data_args.group_by_modality_length,
