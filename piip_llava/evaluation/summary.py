@@ -10,7 +10,7 @@ import argparse
 from .report import collect_summaries
 
 # Secondary figures worth a column when a summary has them.
-EXTRA_KEYS = ("vanilla_accuracy", "circular_accuracy", "num_questions", "samples", "num_errors", "unparsed")
+EXTRA_KEYS = ("metric", "circular", "vanilla", "questions", "rows", "samples", "errors", "num_errors", "unreadable")
 
 
 def summary_table(summaries: dict[str, dict]) -> str:
