@@ -37,7 +37,7 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$SCRIPT_DIR")"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 
 : "${DATA_PATH:?set DATA_PATH to the LLaVA-format JSON (e.g. llava_v1_5_mix665k.json)}"
 : "${OUTPUT_DIR:?set OUTPUT_DIR}"

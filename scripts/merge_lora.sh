@@ -4,5 +4,5 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m piip_llava.train.merge_lora --adapter "${ADAPTER:?set ADAPTER}" --out "${OUT:?set OUT}" \
+exec "${PYTHON:-$(command -v python || command -v python3)}" -m piip_llava.train.merge_lora --adapter "${ADAPTER:?set ADAPTER}" --out "${OUT:?set OUT}" \
   ${BASE:+--base "$BASE"} "$@"

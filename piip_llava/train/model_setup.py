@@ -180,7 +180,8 @@ def apply_lora(model: PiipLlavaForConditionalGeneration, model_args: ModelArgume
     if args.qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.llm_checkpointing)
+        # checkpointing is applied later by train.apply_gradient_checkpointing (non-reentrant: no input-grad hook)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     apply_tune_policy(model, "lora")
     n_inter = len(model.vision_tower.interactions)
     lora_config = LoraConfig(
