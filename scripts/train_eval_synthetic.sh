@@ -5,6 +5,11 @@
 #   DATA (synthetic dataset folder), TOKENIZER_PATH, PRESET, RUN_DIR (outputs: stage1/, stage2/, eval/)
 #   STAGE1_STEPS, STAGE2_STEPS, STAGE1_LR, STAGE2_LR, BATCH (per step), NPROC (1: one process, no DeepSpeed;
 #   >1: torchrun + DeepSpeed ZeRO-2 on the CPU), EVAL_BATCH, PYTHON
+#   STAGE1_TUNE (full): what stage 1 trains. The official recipe trains only the projector because its branches and
+#     LLM are pretrained; here everything starts from random weights (nothing can be downloaded), so by default stage
+#     1 trains the whole model on the captions (they name every word, colour and shape: dense supervision that
+#     teaches the branches to read) and stage 2 continues from that full checkpoint. STAGE1_TUNE=projector runs the
+#     official policy (stage 2 then loads only the projector).
 set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$SCRIPT_DIR")"
@@ -17,13 +22,15 @@ PER_DEVICE=$(( BATCH / NPROC ))
 export PYTHON NPROC ZERO TOKENIZER_PATH PRESET
 export GRAD_CKPT=false MAX_LEN="${MAX_LEN:-512}" LOGGING_STEPS="${LOGGING_STEPS:-25}" SAVE_STEPS=100000 RESUME=auto
 
-echo "== [$PRESET] stage 1: projector alignment on captions (${STAGE1_STEPS:-100} steps)"
-DATA_PATH="$DATA/stage1.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage1" \
+STAGE1_TUNE="${STAGE1_TUNE:-full}"
+echo "== [$PRESET] stage 1: alignment on captions, trainable: $STAGE1_TUNE (${STAGE1_STEPS:-100} steps)"
+TUNE="$STAGE1_TUNE" DATA_PATH="$DATA/stage1.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage1" \
   MAX_STEPS="${STAGE1_STEPS:-100}" LR="${STAGE1_LR:-1e-3}" PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${STAGE1_WARMUP:-0.03}" \
   bash "$SCRIPT_DIR/pretrain_piip_llava.sh"
 
 echo "== [$PRESET] stage 2: instruction tuning, everything trainable (${STAGE2_STEPS:-1000} steps)"
-DATA_PATH="$DATA/stage2.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage2" PRETRAINED_PROJECTOR="$RUN_DIR/stage1" \
+if [ "$STAGE1_TUNE" = full ]; then STAGE2_FROM=(MODEL_PATH="$RUN_DIR/stage1"); else STAGE2_FROM=(PRETRAINED_PROJECTOR="$RUN_DIR/stage1"); fi
+env "${STAGE2_FROM[@]}" DATA_PATH="$DATA/stage2.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage2" \
   MAX_STEPS="${STAGE2_STEPS:-1000}" LR="${STAGE2_LR:-1e-3}" PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${STAGE2_WARMUP:-0.03}" \
   bash "$SCRIPT_DIR/finetune_piip_llava.sh"
 

@@ -54,7 +54,7 @@ def collect(runs: list[tuple[str, str, str]], annotation_path: str) -> list[dict
         cfg = load_preset(preset)
         rows.append({
             "label": label, "preset": preset, "vision_mflops": flops["total"] / 1e6,
-            "vision_params_m": sum(flops["params"].get(k, 0) for k in ("branches", "interactions")) / 1e6,
+            "vision_params_m": flops["params"]["tower"] / 1e6,
             "visual_tokens": cfg.num_image_tokens,
             "textvqa": by_kind["all"][0], "textvqa_small": by_kind.get("small word", (float("nan"), 0))[0],
             "textvqa_large": by_kind.get("large word", (float("nan"), 0))[0],

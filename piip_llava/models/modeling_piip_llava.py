@@ -129,9 +129,11 @@ class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixi
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
         self.vision_tower.set_grad_checkpointing(enable)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint the LLM layers (HF) and the branch blocks (ours)."""
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Checkpoint the LLM layers (HF; extra transformers options such as `every_n_layers` pass through) and the
+        branch blocks (ours)."""
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                          **kwargs)
         self.vision_tower.set_grad_checkpointing(True)
 
     def gradient_checkpointing_disable(self) -> None:

@@ -1,0 +1,35 @@
+"""The README's main job, shortened (QUICK=1: a few training steps): every stage runs and writes its files."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    env = dict(os.environ, QUICK="1", OUT_DIR=str(out), PYTHON=sys.executable, NUM_TRAIN="120", NUM_EVAL="12")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "quickstart.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for step in ("== 1/5", "== 2/5", "stage 1: alignment on captions", "stage 2: instruction tuning", "== 5/5 results"):
+        assert step in log
+    # the data, the tokenizer, both stages and the evaluation files exist and have the right content
+    assert len(json.loads((out / "data" / "stage2.json").read_text())) > 120
+    assert (out / "run" / "stage1" / "mm_projector.safetensors").is_file()
+    assert (out / "run" / "stage2" / "model.safetensors").is_file()
+    answers = (out / "run" / "eval" / "textvqa_answers.jsonl").read_text().splitlines()
+    assert len(answers) == 24  # 12 images x 2 questions
+    tv = json.loads((out / "run" / "eval" / "textvqa_summary.json").read_text())
+    assert tv["benchmark"] == "textvqa" and tv["samples"] == 24 and 0.0 <= tv["score"] <= 100.0
+    mmb = json.loads((out / "run" / "eval" / "mmbench_summary.json").read_text())
+    assert mmb["benchmark"] == "mmbench" and mmb["rows"] > 0
+    assert "| textvqa |" in log and "| mmbench |" in log
+    assert "answers right on new synthetic images" in log
+    assert "piip_llava.serve.gradio_demo --model" in log
