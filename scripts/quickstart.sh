@@ -29,7 +29,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   : "${NUM_TRAIN:=200}" "${NUM_EVAL:=20}" "${STAGE1_STEPS:=3}" "${STAGE2_STEPS:=5}" "${BATCH:=4}"
 fi
 export PRESET="${PRESET:-mini-piip2_clip-ls_64-128}"
-export STAGE1_STEPS="${STAGE1_STEPS:-150}" STAGE2_STEPS="${STAGE2_STEPS:-1500}" BATCH="${BATCH:-16}"
+export STAGE1_STEPS="${STAGE1_STEPS:-800}" STAGE2_STEPS="${STAGE2_STEPS:-700}" BATCH="${BATCH:-16}"
 export DATA="$OUT_DIR/data" TOKENIZER_PATH="$OUT_DIR/tokenizer" RUN_DIR="$OUT_DIR/run"
 
 echo "== 1/5 synthetic dataset -> $DATA"

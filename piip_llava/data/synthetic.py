@@ -85,6 +85,7 @@ _PITCH = 0.78  # fixed character advance as a fraction of the font size (monospa
 
 WordRole = Literal["large", "top", "bottom"]
 QuestionType = Literal["large_word", "small_word", "color", "shape", "count"]
+Layout = Literal["fixed", "random"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -153,8 +154,16 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], margin
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def sample_scene(rng: random.Random, image_size: int = _REF_SIZE) -> Scene:
-    """Draw a random scene: 3 distinct words in 3 distinct colours, 1-4 shapes of one kind and colour, no overlaps."""
+def sample_scene(rng: random.Random, image_size: int = _REF_SIZE, layout: Layout = "fixed") -> Scene:
+    """Draw a random scene: 3 distinct words in 3 distinct colours, 1-4 shapes of one kind and colour, no overlaps.
+
+    `layout="fixed"` puts the words at fixed places (small words centred at the top and bottom edges, the large word
+    centred at one size): a model trained from random weights on a CPU budget learns to read them. `"random"` moves
+    words and sizes around (harder: needs far more data or pretrained branches).
+    """
+    if layout not in ("fixed", "random"):
+        raise ValueError(f"layout must be 'fixed' or 'random', got {layout!r}")
+    fixed = layout == "fixed"
     if image_size < 64:
         raise ValueError(f"image_size must be >= 64 (small words need ~9 px at 128), got {image_size}")
     s = image_size / _REF_SIZE
@@ -167,17 +176,20 @@ def sample_scene(rng: random.Random, image_size: int = _REF_SIZE) -> Scene:
     small = SMALL_FONT_SIZE * s
     for role, text, color in (("top", texts[1], colors[1]), ("bottom", texts[2], colors[2])):
         x0, y0, x1, y1 = word_extent(text, small)
-        x = rng.randint(edge, image_size - x1 - edge)
-        jitter = rng.randint(0, round(3 * s))
+        x = (image_size - x1) // 2 if fixed else rng.randint(edge, image_size - x1 - edge)
+        jitter = 0 if fixed else rng.randint(0, round(3 * s))
         y = edge + jitter - y0 if role == "top" else image_size - edge - jitter - y1
         words.append(WordItem(text, role, color, small, (x, y + y0, x + x1, y + y1)))
     band = (round(18 * s), image_size - round(18 * s))  # the middle band holds the large word and the shapes
     gap = max(2, round(3 * s))
     while True:  # rejection sampling; almost always succeeds on the first or second try
-        large = round(rng.uniform(*LARGE_FONT_RANGE) * s)
+        large = round((sum(LARGE_FONT_RANGE) / 2 if fixed else rng.uniform(*LARGE_FONT_RANGE)) * s)
         x0, y0, x1, y1 = word_extent(texts[0], large)
-        x = rng.randint(round(4 * s), image_size - x1 - round(4 * s))
-        y = rng.randint(band[0] - y0, band[1] - y1)
+        if fixed:  # centred horizontally, in the upper half of the band (shapes go around it)
+            x, y = (image_size - x1) // 2, band[0] - y0 + round(4 * s)
+        else:
+            x = rng.randint(round(4 * s), image_size - x1 - round(4 * s))
+            y = rng.randint(band[0] - y0, band[1] - y1)
         large_box = (x, y + y0, x + x1, y + y1)
         count = rng.randint(1, 4)
         size = round(rng.uniform(*SHAPE_RANGE) * s)
@@ -354,14 +366,14 @@ def textvqa_answers(answer: str, distractors: list[str], rng: random.Random) -> 
 
 
 def render_question_image(seed: int = 0, image_size: int = _REF_SIZE, question_type: QuestionType = "large_word",
-                          with_instruction: bool = True) -> tuple[Image.Image, str, str]:
+                          with_instruction: bool = True, layout: Layout = "fixed") -> tuple[Image.Image, str, str]:
     """A new image with a known answer (for demos and tests): returns (PIL image, question, answer).
 
     The question is phrased as in training; with `with_instruction` it ends with the short-answer instruction.
     Different `seed`s give different images; the streams are disjoint from those of `generate_synthetic_dataset`.
     """
     rng = random.Random(f"piip-synthetic-demo-{seed}-{question_type}")
-    scene = sample_scene(rng, image_size)
+    scene = sample_scene(rng, image_size, layout)
     if question_type == "large_word":
         question, answer = word_question(scene, "large", by_color=False)
     elif question_type == "small_word":
@@ -447,12 +459,12 @@ def _write_json(path: str, obj: object, indent: int | None = None) -> None:
         f.write("\n")
 
 
-def _write_train(out_dir: str, seed: int, num_train: int, image_size: int) -> tuple[str, str]:
+def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layout: Layout = "fixed") -> tuple[str, str]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     stage1, stage2 = [], []
     for i in range(num_train):
         rng = _rng(seed, "train", i)
-        scene = sample_scene(rng, image_size)
+        scene = sample_scene(rng, image_size, layout)
         rel = f"images/{i:06d}.png"
         render_scene(scene).save(os.path.join(out_dir, rel))
         sid = f"{i:06d}"
@@ -472,7 +484,7 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int) -> tu
     return paths
 
 
-def _write_textvqa(out_dir: str, seed: int, num_eval: int, image_size: int) -> tuple[str, str, str]:
+def _write_textvqa(out_dir: str, seed: int, num_eval: int, image_size: int, layout: Layout = "fixed") -> tuple[str, str, str]:
     """Two questions per image (2 of large/top/bottom), so ~2/3 of the questions need the small words."""
     root = os.path.join(out_dir, "eval", "textvqa")
     img_dir = os.path.join(root, "train_images")
@@ -482,7 +494,7 @@ def _write_textvqa(out_dir: str, seed: int, num_eval: int, image_size: int) -> t
     k = 0
     while len(lines) < num_eval:
         rng = _rng(seed, "textvqa", k)
-        scene = sample_scene(rng, image_size)
+        scene = sample_scene(rng, image_size, layout)
         image_id = hashlib.md5(f"piip-synthetic-{seed}-textvqa-{k}".encode()).hexdigest()[:16]
         # Real TextVQA images are JPEGs named <image_id>.jpg; quality 95 without chroma subsampling keeps 1 px strokes.
         render_scene(scene).save(os.path.join(img_dir, f"{image_id}.jpg"), quality=95, subsampling=0)
@@ -526,14 +538,14 @@ def _tsv_cell(value: object) -> str:
     return text
 
 
-def _write_mmbench(out_dir: str, seed: int, num_questions: int, image_size: int) -> str:
+def _write_mmbench(out_dir: str, seed: int, num_questions: int, image_size: int, layout: Layout = "fixed") -> str:
     root = os.path.join(out_dir, "eval", "mmbench")
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "mmbench_dev_synthetic.tsv")
     rows = []
     for g in range(num_questions):
         rng = _rng(seed, "mmbench", g)
-        scene = sample_scene(rng, image_size)
+        scene = sample_scene(rng, image_size, layout)
         b64 = base64.b64encode(_png_bytes(render_scene(scene))).decode("ascii")
         base = choice_question(scene, rng)
         for r in range(len(base.options)):  # r = 0 is the original row, r >= 1 the circular copies
@@ -586,20 +598,22 @@ the image at {image_size} px.
 
 
 def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 4000, num_eval: int = 200,
-                               image_size: int = _REF_SIZE, num_mmbench: int | None = None) -> dict[str, str]:
+                               image_size: int = _REF_SIZE, num_mmbench: int | None = None,
+                               layout: Layout = "fixed") -> dict[str, str]:
     """Write the whole synthetic dataset under `out_dir` and return its paths.
 
     Returns a dict with keys `root`, `image_folder`, `stage1`, `stage2`, `textvqa_questions`, `textvqa_annotations`,
     `textvqa_image_folder`, `mmbench_tsv`, `readme`. `num_mmbench` (distinct MMBench questions) defaults to
-    max(4, num_eval // 2).
+    max(4, num_eval // 2). `layout`: "fixed" word positions (default; learnable from random weights on a CPU) or
+    "random" positions and sizes (see `sample_scene`).
     """
     if num_train < 0 or num_eval < 0:
         raise ValueError(f"num_train and num_eval must be >= 0, got {num_train}, {num_eval}")
     num_mmbench = max(4, num_eval // 2) if num_mmbench is None else num_mmbench
     os.makedirs(out_dir, exist_ok=True)
-    stage1, stage2 = _write_train(out_dir, seed, num_train, image_size)
-    tq, ta, timg = _write_textvqa(out_dir, seed, num_eval, image_size)
-    mmb = _write_mmbench(out_dir, seed, num_mmbench, image_size)
+    stage1, stage2 = _write_train(out_dir, seed, num_train, image_size, layout)
+    tq, ta, timg = _write_textvqa(out_dir, seed, num_eval, image_size, layout)
+    mmb = _write_mmbench(out_dir, seed, num_mmbench, image_size, layout)
     s = image_size / _REF_SIZE
     readme = os.path.join(out_dir, "README.md")
     with open(readme, "w", encoding="utf-8") as f:
@@ -651,10 +665,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-eval", type=int, default=200, help="TextVQA eval questions (2 per image)")
     parser.add_argument("--num-mmbench", type=int, default=None, help="MMBench base questions [max(4, num_eval//2)]")
     parser.add_argument("--image-size", type=int, default=_REF_SIZE, help="side in pixels (highest branch resolution)")
+    parser.add_argument("--layout", choices=["fixed", "random"], default="fixed",
+                        help="fixed word positions (learnable from scratch) or random positions and sizes")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     paths = generate_synthetic_dataset(args.out, seed=args.seed, num_train=args.num_train, num_eval=args.num_eval,
-                                       image_size=args.image_size, num_mmbench=args.num_mmbench)
+                                       image_size=args.image_size, num_mmbench=args.num_mmbench, layout=args.layout)
     print(f"wrote synthetic dataset to {args.out} in {time.perf_counter() - start:.1f} s")
     for key, path in paths.items():
         print(f"  {key}: {path}")
