@@ -29,7 +29,10 @@ TUNE="$STAGE1_TUNE" DATA_PATH="$DATA/stage1.json" IMAGE_FOLDER="$DATA" OUTPUT_DI
   bash "$SCRIPT_DIR/pretrain_piip_llava.sh"
 
 echo "== [$PRESET] stage 2: instruction tuning, everything trainable (${STAGE2_STEPS:-1000} steps)"
-if [ "$STAGE1_TUNE" = full ]; then STAGE2_FROM=(MODEL_PATH="$RUN_DIR/stage1"); else STAGE2_FROM=(PRETRAINED_PROJECTOR="$RUN_DIR/stage1"); fi
+case "$STAGE1_TUNE" in  # projector policies save only the projector; the others a full checkpoint
+  projector|projector+interactions) STAGE2_FROM=(PRETRAINED_PROJECTOR="$RUN_DIR/stage1") ;;
+  *) STAGE2_FROM=(MODEL_PATH="$RUN_DIR/stage1") ;;
+esac
 env "${STAGE2_FROM[@]}" DATA_PATH="$DATA/stage2.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage2" \
   MAX_STEPS="${STAGE2_STEPS:-1000}" LR="${STAGE2_LR:-1e-3}" PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${STAGE2_WARMUP:-0.03}" \
   bash "$SCRIPT_DIR/finetune_piip_llava.sh"

@@ -6,6 +6,7 @@ Freeze policies (`--tune`):
 | ------------------------ | ------------------------------------------------------- | --------------------- |
 | `projector`              | projector                                               | stage 1               |
 | `projector+interactions` | projector + interactions (branches and LLM frozen)      | stage-1 option        |
+| `vision`                 | branches + interactions + projector (LLM frozen)        | from-scratch towers   |
 | `full`                   | everything                                              | stage 2               |
 | `lora`                   | LoRA on the LLM linears + projector + interactions      | stage-2 option        |
 
@@ -35,6 +36,7 @@ INTERACTIONS_FILE = "mm_interactions.safetensors"
 TRAINABLE_GROUPS = {
     "projector": ("projector",),
     "projector+interactions": ("projector", "interactions"),
+    "vision": ("projector", "interactions", "branches"),
     "full": ("projector", "interactions", "branches", "llm"),
     "lora": ("projector", "interactions"),  # + the LoRA matrices peft adds
 }

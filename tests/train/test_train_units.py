@@ -63,6 +63,7 @@ def test_bad_arguments_fail_early(tmp_path, data_file, tokenizer_dir):
 @pytest.mark.parametrize("tune,trainable", [
     ("projector", {"projector"}),
     ("projector+interactions", {"projector", "interactions"}),
+    ("vision", {"projector", "interactions", "branches"}),
     ("full", {"projector", "interactions", "branches", "llm"}),
 ])
 def test_tune_policies(model, tune, trainable):
