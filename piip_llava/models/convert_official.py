@@ -439,6 +439,13 @@ def load_converted(config: PiipLlavaConfig, state_dict: dict[str, torch.Tensor])
     return model.eval()
 
 
+def load_official_checkpoint(src: str, tower_config: str | None = None, infer_from_weights: bool = False):
+    """Official checkpoint folder -> `PiipLlavaForConditionalGeneration` in memory (nothing written)."""
+    state = load_official_state_dict(src)
+    config = build_config(src, state, tower_config, infer_from_weights)
+    return load_converted(config, convert_official_state_dict(state, config))
+
+
 def convert_checkpoint(
     src: str, dst: str, tower_config: str | None = None, infer_from_weights: bool = False
 ) -> PiipLlavaConfig:

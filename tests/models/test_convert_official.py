@@ -638,3 +638,27 @@ def test_plain_llava15_checkpoint(tmp_path):
         feats = y[:, 1:]  # select_feature "patch"
         visual = ref.lin(F.gelu(ref.lin(feats, "model.mm_projector.0")), "model.mm_projector.2")
         torch.testing.assert_close(model.get_image_features(x), visual, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_engine_loads_an_official_checkpoint_directly(tmp_path, tokenizer_dir):
+    """`InferenceEngine.load(official_dir)` converts in memory: same logits as the converted checkpoint on disk."""
+    import shutil
+
+    from piip_llava.models.convert_official import load_official_checkpoint
+    from piip_llava.serve.inference import ChatRequest, InferenceEngine
+
+    src, _ = write_checkpoint(tmp_path, "clip", "safetensors", seed=3)
+    for name in os.listdir(tokenizer_dir):  # a real SentencePiece tokenizer instead of the placeholder file
+        shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(src, name))
+    dst = str(tmp_path / "converted")
+    assert main([src, dst]) == 0
+    on_disk = PiipLlavaForConditionalGeneration.from_pretrained(dst).eval()
+    in_memory = load_official_checkpoint(src)
+    ids = torch.tensor([[1, 5, 9] + [on_disk.config.image_token_id] * on_disk.config.num_image_tokens + [7]])
+    px = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(in_memory(input_ids=ids, pixel_values=px).logits,
+                                   on_disk(input_ids=ids, pixel_values=px).logits, rtol=0, atol=0)
+    engine = InferenceEngine.load(src, device="cpu", dtype="fp32")
+    assert type(engine.model) is PiipLlavaForConditionalGeneration
+    assert engine.prompt_ids(ChatRequest([{"role": "user", "content": "hi"}]))[0] == 1  # BOS from the copied tokenizer
