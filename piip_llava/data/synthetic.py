@@ -8,6 +8,7 @@ parameter-inverted image pyramid (large branch at low resolution + small branch 
 
 Outputs of `generate_synthetic_dataset(out_dir)` (layout mirrors `playground/data`, see the README written there):
 
+* `stage0.json`: per-image classification labels (words, colours, shapes, count) for stage-0 vision pretraining.
 * `images/NNNNNN.png` and `stage1.json` (caption data) / `stage2.json` (multi-turn QA, multiple choice, text-only
   records) in the LLaVA JSON format; `image` paths are relative to `out_dir`.
 * `eval/textvqa/{llava_textvqa_val_v051_ocr.jsonl, TextVQA_0.5.1_val.json, train_images/<image_id>.jpg}` in the real
@@ -459,15 +460,27 @@ def _write_json(path: str, obj: object, indent: int | None = None) -> None:
         f.write("\n")
 
 
-def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layout: Layout = "fixed") -> tuple[str, str]:
+def scene_labels(scene: Scene) -> dict[str, str]:
+    """Classification labels of a scene (stage-0 vision pretraining): the three words, their colours, the shapes."""
+    labels = {}
+    for role in ("large", "top", "bottom"):
+        labels[f"{role}_word"] = scene.word(role).word
+        labels[f"{role}_color"] = scene.word(role).color
+    labels.update(shape=scene.shape, shape_color=scene.shape_color, count=str(scene.count))
+    return labels
+
+
+def _write_train(out_dir: str, seed: int, num_train: int, image_size: int,
+                 layout: Layout = "fixed") -> tuple[str, str, str]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    stage1, stage2 = [], []
+    stage0, stage1, stage2 = [], [], []
     for i in range(num_train):
         rng = _rng(seed, "train", i)
         scene = sample_scene(rng, image_size, layout)
         rel = f"images/{i:06d}.png"
         render_scene(scene).save(os.path.join(out_dir, rel))
         sid = f"{i:06d}"
+        stage0.append({"id": sid, "image": rel, "labels": scene_labels(scene)})
         stage1.append({"id": sid, "image": rel, "conversations": _conversation(
             [(rng.choice(CAPTION_PROMPTS), caption(scene))], with_image=True)})
         if rng.random() < 0.2:
@@ -478,9 +491,9 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
         stage2.append({"id": sid, "image": rel, "conversations": _conversation(turns, with_image=True)})
     for j in range(max(1, num_train // 20) if num_train else 0):
         stage2.append(_text_only_record(j, _rng(seed, "text", j)))
-    paths = os.path.join(out_dir, "stage1.json"), os.path.join(out_dir, "stage2.json")
-    _write_json(paths[0], stage1)
-    _write_json(paths[1], stage2)
+    paths = tuple(os.path.join(out_dir, f"stage{k}.json") for k in range(3))
+    for path, records in zip(paths, (stage0, stage1, stage2)):
+        _write_json(path, records)
     return paths
 
 
@@ -578,6 +591,9 @@ The three words are distinct, drawn in upper case with a fixed character pitch, 
 ## Files
 * `images/NNNNNN.png`: training images ({num_train}); `image` paths in the JSONs are relative to this folder's root,
   so train with `--image_folder {out}`.
+* `stage0.json`: classification labels per training image (`{{"image", "labels": {{"large_word", "top_word",
+  "bottom_word", "large_color", "top_color", "bottom_color", "shape", "shape_color", "count"}}}}`) for stage-0 vision
+  pretraining (`python -m piip_llava.train.vision_pretrain`), which stands in for pretrained backbones.
 * `stage1.json`: LLaVA caption data (one `<image>` caption request + caption per image).
 * `stage2.json`: LLaVA multi-turn data: TextVQA-style reading questions ("What word is written in large letters?",
   "... in small letters at the top?", "... in blue?"), half of them with a `Reference OCR token:` line, with
@@ -602,8 +618,8 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
                                layout: Layout = "fixed") -> dict[str, str]:
     """Write the whole synthetic dataset under `out_dir` and return its paths.
 
-    Returns a dict with keys `root`, `image_folder`, `stage1`, `stage2`, `textvqa_questions`, `textvqa_annotations`,
-    `textvqa_image_folder`, `mmbench_tsv`, `readme`. `num_mmbench` (distinct MMBench questions) defaults to
+    Returns a dict with keys `root`, `image_folder`, `stage0`, `stage1`, `stage2`, `textvqa_questions`,
+    `textvqa_annotations`, `textvqa_image_folder`, `mmbench_tsv`, `readme`. `num_mmbench` (distinct MMBench questions) defaults to
     max(4, num_eval // 2). `layout`: "fixed" word positions (default; learnable from random weights on a CPU) or
     "random" positions and sizes (see `sample_scene`).
     """
@@ -611,7 +627,7 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
         raise ValueError(f"num_train and num_eval must be >= 0, got {num_train}, {num_eval}")
     num_mmbench = max(4, num_eval // 2) if num_mmbench is None else num_mmbench
     os.makedirs(out_dir, exist_ok=True)
-    stage1, stage2 = _write_train(out_dir, seed, num_train, image_size, layout)
+    stage0, stage1, stage2 = _write_train(out_dir, seed, num_train, image_size, layout)
     tq, ta, timg = _write_textvqa(out_dir, seed, num_eval, image_size, layout)
     mmb = _write_mmbench(out_dir, seed, num_mmbench, image_size, layout)
     s = image_size / _REF_SIZE
@@ -622,7 +638,8 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
             num_mmbench=num_mmbench, large_lo=LARGE_FONT_RANGE[0] * s, large_hi=LARGE_FONT_RANGE[1] * s,
             small=SMALL_FONT_SIZE * s, colors=", ".join(COLORS), nvocab=len(VOCABULARY), vocab=", ".join(VOCABULARY),
             short=SHORT_ANSWER_PROMPT, mc=MC_ANSWER_PROMPT))
-    return {"root": out_dir, "image_folder": out_dir, "stage1": stage1, "stage2": stage2, "textvqa_questions": tq,
+    return {"root": out_dir, "image_folder": out_dir, "stage0": stage0, "stage1": stage1, "stage2": stage2,
+            "textvqa_questions": tq,
             "textvqa_annotations": ta, "textvqa_image_folder": timg, "mmbench_tsv": mmb, "readme": readme}
 
 
