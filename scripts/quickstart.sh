@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: no GPU, no download. Sets up .venv if needed, generates the synthetic
-# dataset, trains a small PIIP-LLaVA (mini-piip2_clip-ls_64-128) through scripts/pretrain_piip_llava.sh and
+# dataset, trains a small PIIP-LLaVA (mini-piip2_clip-ls_64-128): stage 0 pretrains the random branches on the
+# images' labels (standing in for pretrained backbones), then scripts/pretrain_piip_llava.sh and
 # scripts/finetune_piip_llava.sh, evaluates it with eval/textvqa.py and eval/mmbench.py, prints the results, asks the
 # Gradio demo about new images, and prints the command that opens the demo. Under 20 minutes on 2 CPU cores.
 #
-#   OUT_DIR (outputs/quickstart), PRESET, NUM_TRAIN (4000), NUM_EVAL (200), STAGE1_STEPS, STAGE2_STEPS, BATCH,
+#   OUT_DIR (outputs/quickstart), PRESET, NUM_TRAIN (4000), NUM_EVAL (200), STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS, BATCH,
 #   QUICK=1 (a few steps only: the CI smoke run)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,16 +27,17 @@ export PYTHON HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRAD
        TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu
 
 if [ "${QUICK:-0}" = 1 ]; then
-  : "${NUM_TRAIN:=200}" "${NUM_EVAL:=20}" "${STAGE1_STEPS:=3}" "${STAGE2_STEPS:=5}" "${BATCH:=4}"
+  : "${NUM_TRAIN:=200}" "${NUM_EVAL:=20}" "${STAGE0_STEPS:=4}" "${STAGE1_STEPS:=3}" "${STAGE2_STEPS:=5}" "${BATCH:=4}"
 fi
 export PRESET="${PRESET:-mini-piip2_clip-ls_64-128}"
-export STAGE1_STEPS="${STAGE1_STEPS:-800}" STAGE2_STEPS="${STAGE2_STEPS:-700}" BATCH="${BATCH:-16}"
+export STAGE0_STEPS="${STAGE0_STEPS:-2500}" STAGE1_STEPS="${STAGE1_STEPS:-400}" STAGE2_STEPS="${STAGE2_STEPS:-700}"
+export BATCH="${BATCH:-16}"
 export DATA="$OUT_DIR/data" TOKENIZER_PATH="$OUT_DIR/tokenizer" RUN_DIR="$OUT_DIR/run"
 
 echo "== 1/5 synthetic dataset -> $DATA"
 "$PYTHON" -m piip_llava.data.synthetic --out "$DATA" --num-train "${NUM_TRAIN:-4000}" --num-eval "${NUM_EVAL:-200}"
 echo "== 2/5 tokenizer trained on the dataset's text -> $TOKENIZER_PATH"
-"$PYTHON" -m piip_llava.data.tokenizer --out "$TOKENIZER_PATH" --vocab-size 512 \
+"$PYTHON" -m piip_llava.data.tokenizer --out "$TOKENIZER_PATH" --vocab-size 2048 \
   --from-llava "$DATA/stage1.json" "$DATA/stage2.json"
 echo "== 3/5 + 4/5 training and evaluation"
 bash "$REPO/scripts/train_eval_synthetic.sh"

@@ -5,11 +5,13 @@
 #   DATA (synthetic dataset folder), TOKENIZER_PATH, PRESET, RUN_DIR (outputs: stage1/, stage2/, eval/)
 #   STAGE1_STEPS, STAGE2_STEPS, STAGE1_LR, STAGE2_LR, BATCH (per step), NPROC (1: one process, no DeepSpeed;
 #   >1: torchrun + DeepSpeed ZeRO-2 on the CPU), EVAL_BATCH, PYTHON
+#   STAGE0_STEPS (2000; 0 skips it), STAGE0_LR: stage 0 pretrains branches + interactions + projector on the
+#     dataset's labels (python -m piip_llava.train.vision_pretrain). Real branches come pretrained; random ones give
+#     visual tokens an LLM learns to ignore, so this stands in for backbone pretraining. Stage 1 continues from it.
 #   STAGE1_TUNE (full): what stage 1 trains. The official recipe trains only the projector because its branches and
-#     LLM are pretrained; here everything starts from random weights (nothing can be downloaded), so by default stage
-#     1 trains the whole model on the captions (they name every word, colour and shape: dense supervision that
-#     teaches the branches to read) and stage 2 continues from that full checkpoint. STAGE1_TUNE=projector runs the
-#     official policy (stage 2 then loads only the projector).
+#     LLM are pretrained; here the LLM starts from random weights (nothing can be downloaded), so by default stage
+#     1 trains the whole model on the captions and stage 2 continues from that full checkpoint.
+#     STAGE1_TUNE=projector runs the official policy (stage 2 then loads only the projector).
 set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$SCRIPT_DIR")"
@@ -22,15 +24,30 @@ PER_DEVICE=$(( BATCH / NPROC ))
 export PYTHON NPROC ZERO TOKENIZER_PATH PRESET
 export GRAD_CKPT=false MAX_LEN="${MAX_LEN:-512}" LOGGING_STEPS="${LOGGING_STEPS:-25}" SAVE_STEPS=100000 RESUME=auto
 
+STAGE0_STEPS="${STAGE0_STEPS:-2000}"
+STAGE1_FROM=()
+if [ "$STAGE0_STEPS" -gt 0 ]; then
+  if [ -f "$RUN_DIR/stage0/vision_pretrain_metrics.json" ]; then
+    echo "== [$PRESET] stage 0: $RUN_DIR/stage0 exists, reusing it"
+  else
+    echo "== [$PRESET] stage 0: vision pretraining on the image labels ($STAGE0_STEPS steps)"
+    "$PYTHON" -m piip_llava.train.vision_pretrain --data-path "$DATA/stage0.json" --image-folder "$DATA" \
+      --preset "$PRESET" --tokenizer-path "$TOKENIZER_PATH" --output-dir "$RUN_DIR/stage0" \
+      --max-steps "$STAGE0_STEPS" --batch-size "$BATCH" --learning-rate "${STAGE0_LR:-1e-3}" \
+      --eval-steps "$(( STAGE0_STEPS > 4 ? STAGE0_STEPS / 4 : 1 ))"
+  fi
+  STAGE1_FROM=(MODEL_PATH="$RUN_DIR/stage0")
+fi
+
 STAGE1_TUNE="${STAGE1_TUNE:-full}"
 echo "== [$PRESET] stage 1: alignment on captions, trainable: $STAGE1_TUNE (${STAGE1_STEPS:-100} steps)"
-TUNE="$STAGE1_TUNE" DATA_PATH="$DATA/stage1.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage1" \
+env "${STAGE1_FROM[@]}" TUNE="$STAGE1_TUNE" DATA_PATH="$DATA/stage1.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage1" \
   MAX_STEPS="${STAGE1_STEPS:-100}" LR="${STAGE1_LR:-1e-3}" PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${STAGE1_WARMUP:-0.03}" \
   bash "$SCRIPT_DIR/pretrain_piip_llava.sh"
 
 echo "== [$PRESET] stage 2: instruction tuning, everything trainable (${STAGE2_STEPS:-1000} steps)"
 case "$STAGE1_TUNE" in  # projector policies save only the projector; the others a full checkpoint
-  projector|projector+interactions) STAGE2_FROM=(PRETRAINED_PROJECTOR="$RUN_DIR/stage1") ;;
+  projector|projector+interactions) STAGE2_FROM=("${STAGE1_FROM[@]}" PRETRAINED_PROJECTOR="$RUN_DIR/stage1") ;;
   *) STAGE2_FROM=(MODEL_PATH="$RUN_DIR/stage1") ;;
 esac
 env "${STAGE2_FROM[@]}" DATA_PATH="$DATA/stage2.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage2" \

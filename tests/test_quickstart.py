@@ -18,10 +18,12 @@ def test_quickstart_runs_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=1500)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    for step in ("== 1/5", "== 2/5", "stage 1: alignment on captions", "stage 2: instruction tuning", "== 5/5 results"):
+    for step in ("== 1/5", "== 2/5", "stage 0: vision pretraining", "stage 1: alignment on captions", "stage 2: instruction tuning", "== 5/5 results"):
         assert step in log
     # the data, the tokenizer, both stages and the evaluation files exist and have the right content
     assert len(json.loads((out / "data" / "stage2.json").read_text())) > 120
+    stage0 = json.loads((out / "run" / "stage0" / "vision_pretrain_metrics.json").read_text())
+    assert stage0["num_train"] + stage0["num_eval"] == 120 and set(stage0["final_eval_accuracy"]) >= {"top_word"}
     assert (out / "run" / "stage1" / "model.safetensors").is_file()  # stage 1 trains everything by default here
     assert (out / "run" / "stage2" / "model.safetensors").is_file()
     answers = (out / "run" / "eval" / "textvqa_answers.jsonl").read_text().splitlines()

@@ -7,7 +7,8 @@
 # come from piip_llava.models.flops. Writes results.md, results.json and accuracy_vs_flops.png to OUT_DIR.
 # Under 60 minutes on 2 CPU cores.
 #
-#   OUT_DIR (outputs/inverted_pyramid), NUM_TRAIN (4000), NUM_EVAL (200), STAGE1_STEPS, STAGE2_STEPS, BATCH,
+#   OUT_DIR (outputs/inverted_pyramid), NUM_TRAIN (4000), NUM_EVAL (200), STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS,
+#   BATCH,
 #   RUNS ("a b c"), QUICK=1 (a few steps: smoke run)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -20,16 +21,17 @@ PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
 export PYTHON HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu
 if [ "${QUICK:-0}" = 1 ]; then
-  : "${NUM_TRAIN:=200}" "${NUM_EVAL:=20}" "${STAGE1_STEPS:=3}" "${STAGE2_STEPS:=5}" "${BATCH:=4}"
+  : "${NUM_TRAIN:=200}" "${NUM_EVAL:=20}" "${STAGE0_STEPS:=4}" "${STAGE1_STEPS:=3}" "${STAGE2_STEPS:=5}" "${BATCH:=4}"
 fi
-export STAGE1_STEPS="${STAGE1_STEPS:-600}" STAGE2_STEPS="${STAGE2_STEPS:-500}" BATCH="${BATCH:-16}"
+export STAGE0_STEPS="${STAGE0_STEPS:-2000}" STAGE1_STEPS="${STAGE1_STEPS:-300}" STAGE2_STEPS="${STAGE2_STEPS:-500}"
+export BATCH="${BATCH:-16}"
 export DATA="$OUT_DIR/data" TOKENIZER_PATH="$OUT_DIR/tokenizer"
 
 if [ ! -f "$DATA/stage2.json" ]; then
   "$PYTHON" -m piip_llava.data.synthetic --out "$DATA" --num-train "${NUM_TRAIN:-4000}" --num-eval "${NUM_EVAL:-200}"
 fi
 if [ ! -f "$TOKENIZER_PATH/tokenizer.model" ]; then
-  "$PYTHON" -m piip_llava.data.tokenizer --out "$TOKENIZER_PATH" --vocab-size 512 \
+  "$PYTHON" -m piip_llava.data.tokenizer --out "$TOKENIZER_PATH" --vocab-size 2048 \
     --from-llava "$DATA/stage1.json" "$DATA/stage2.json"
 fi
 
