@@ -2,16 +2,15 @@
 # Train one preset on the synthetic dataset through the real stage scripts, then evaluate it with the real eval CLIs.
 # Used by scripts/quickstart.sh and scripts/experiments/inverted_pyramid.sh.
 #
-#   DATA (synthetic dataset folder), TOKENIZER_PATH, PRESET, RUN_DIR (outputs: stage1/, stage2/, eval/)
+#   DATA (synthetic dataset folder), TOKENIZER_PATH, PRESET, RUN_DIR (outputs: stage0/, stage1/, stage2/, eval/)
 #   STAGE1_STEPS, STAGE2_STEPS, STAGE1_LR, STAGE2_LR, BATCH (per step), NPROC (1: one process, no DeepSpeed;
 #   >1: torchrun + DeepSpeed ZeRO-2 on the CPU), EVAL_BATCH, PYTHON
-#   STAGE0_STEPS (2000; 0 skips it), STAGE0_LR: stage 0 pretrains branches + interactions + projector on the
+#   STAGE0_STEPS (1500; 0 skips it), STAGE0_LR: stage 0 pretrains branches + interactions + projector on the
 #     dataset's labels (python -m piip_llava.train.vision_pretrain). Real branches come pretrained; random ones give
 #     visual tokens an LLM learns to ignore, so this stands in for backbone pretraining. Stage 1 continues from it.
-#   STAGE1_TUNE (full): what stage 1 trains. The official recipe trains only the projector because its branches and
-#     LLM are pretrained; here the LLM starts from random weights (nothing can be downloaded), so by default stage
-#     1 trains the whole model on the captions and stage 2 continues from that full checkpoint.
-#     STAGE1_TUNE=projector runs the official policy (stage 2 then loads only the projector).
+#   STAGE1_TUNE (projector): what stage 1 trains: the official policy (projector only, on the captions); stage 2 then
+#     starts from the stage-0 checkpoint + this projector and trains everything. STAGE1_TUNE=full trains the whole
+#     model in stage 1 and stage 2 continues from it (measured worse here: the caption-trained LLM had to unlearn).
 set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$SCRIPT_DIR")"
@@ -24,7 +23,7 @@ PER_DEVICE=$(( BATCH / NPROC ))
 export PYTHON NPROC ZERO TOKENIZER_PATH PRESET
 export GRAD_CKPT=false MAX_LEN="${MAX_LEN:-512}" LOGGING_STEPS="${LOGGING_STEPS:-25}" SAVE_STEPS=100000 RESUME=auto
 
-STAGE0_STEPS="${STAGE0_STEPS:-2000}"
+STAGE0_STEPS="${STAGE0_STEPS:-1500}"
 STAGE1_FROM=()
 if [ "$STAGE0_STEPS" -gt 0 ]; then
   if [ -f "$RUN_DIR/stage0/vision_pretrain_metrics.json" ]; then
@@ -39,7 +38,7 @@ if [ "$STAGE0_STEPS" -gt 0 ]; then
   STAGE1_FROM=(MODEL_PATH="$RUN_DIR/stage0")
 fi
 
-STAGE1_TUNE="${STAGE1_TUNE:-full}"
+STAGE1_TUNE="${STAGE1_TUNE:-projector}"
 echo "== [$PRESET] stage 1: alignment on captions, trainable: $STAGE1_TUNE (${STAGE1_STEPS:-100} steps)"
 env "${STAGE1_FROM[@]}" TUNE="$STAGE1_TUNE" DATA_PATH="$DATA/stage1.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage1" \
   MAX_STEPS="${STAGE1_STEPS:-100}" LR="${STAGE1_LR:-1e-3}" PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${STAGE1_WARMUP:-0.03}" \

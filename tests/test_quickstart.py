@@ -24,7 +24,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert len(json.loads((out / "data" / "stage2.json").read_text())) > 120
     stage0 = json.loads((out / "run" / "stage0" / "vision_pretrain_metrics.json").read_text())
     assert stage0["num_train"] + stage0["num_eval"] == 120 and set(stage0["final_eval_accuracy"]) >= {"top_word"}
-    assert (out / "run" / "stage1" / "model.safetensors").is_file()  # stage 1 trains everything by default here
+    assert (out / "run" / "stage1" / "mm_projector.safetensors").is_file()  # official stage-1 policy: projector
     assert (out / "run" / "stage2" / "model.safetensors").is_file()
     answers = (out / "run" / "eval" / "textvqa_answers.jsonl").read_text().splitlines()
     assert len(answers) == 12  # NUM_EVAL questions (2 per image)

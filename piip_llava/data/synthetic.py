@@ -60,6 +60,8 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (250, 248, 240), (240, 245, 252), (248, 240, 246), (240, 250, 240), (252, 252, 252), (246, 242, 230),
 )
 
+#: Share of stage-2 image records that ask the three words in a fixed order (see `_read_all_turns`).
+READ_ALL_FRACTION = 0.4
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MC_ANSWER_PROMPT = "Answer with the option's letter from the given choices directly."
 OCR_PREFIX = "Reference OCR token: "
@@ -421,6 +423,18 @@ def _stage2_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
+def _read_all_turns(scene: Scene) -> list[tuple[str, str]]:
+    """The three reading questions in a fixed order (large, top, bottom): the turn tells which word is asked.
+
+    A from-scratch LLM first learns to read from these (the answer's place in the conversation routes it to the right
+    visual tokens), then transfers the reading to the random-order, colour-referenced questions; without them the
+    tiny LLM sat at the language-prior loss for the whole CPU budget (measured: loss with shuffled images = loss with
+    the right ones after 400 steps; with half the records like this, the gap opens by step 200).
+    """
+    return [(f"{word_question(scene, role, by_color=False)[0].capitalize()}\n{SHORT_ANSWER_PROMPT}",
+             scene.word(role).word) for role in ("large", "top", "bottom")]
+
+
 def _conversation(turns: list[tuple[str, str]], with_image: bool) -> list[dict[str, str]]:
     conv = []
     for i, (q, a) in enumerate(turns):
@@ -483,9 +497,12 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int,
         stage0.append({"id": sid, "image": rel, "labels": scene_labels(scene)})
         stage1.append({"id": sid, "image": rel, "conversations": _conversation(
             [(rng.choice(CAPTION_PROMPTS), caption(scene))], with_image=True)})
-        if rng.random() < 0.2:
+        kind = rng.random()
+        if kind < 0.2:
             mc = choice_question(scene, rng)
             turns = [(mc.prompt(), mc.answer_letter)]
+        elif kind < 0.2 + READ_ALL_FRACTION:
+            turns = _read_all_turns(scene)
         else:
             turns = _stage2_turns(scene, rng)
         stage2.append({"id": sid, "image": rel, "conversations": _conversation(turns, with_image=True)})

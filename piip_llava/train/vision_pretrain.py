@@ -235,7 +235,7 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if step % args.eval_steps == 0 or step == args.max_steps:
                 acc = evaluate_probe(model, probe, eval_loader, fields) if num_eval else {}
                 history.append({"step": step, "loss": round(loss.item(), 4), "eval_accuracy": acc})

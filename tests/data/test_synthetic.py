@@ -52,7 +52,7 @@ def test_same_seed_identical_bytes_and_cli(dataset, tmp_path):
     a, b = _tree_digest(dataset["root"]), _tree_digest(out)
     a.pop("README.md"), b.pop("README.md")  # the README names the output folder
     assert a == b
-    assert len(a) == NUM_TRAIN + NUM_EVAL // 2 + 5  # train PNGs, eval JPEGs, 2 stage JSONs, 2 TextVQA files, TSV
+    assert len(a) == NUM_TRAIN + NUM_EVAL // 2 + 6  # train PNGs, eval JPEGs, 3 stage JSONs, 2 TextVQA files, TSV
 
 
 def test_different_seed_differs(dataset, tmp_path):
@@ -133,6 +133,22 @@ def test_stage2_schema_and_answers(dataset):
     words = {w.word for w in scene.words}
     stage1 = _load(dataset["stage1"])[0]["conversations"][1]["value"]
     assert all(w in stage1 for w in words)
+
+
+def test_stage0_labels_pass_the_loader_and_match_the_scenes(dataset):
+    from piip_llava.train.vision_pretrain import load_label_records
+
+    records, classes = load_label_records(dataset["stage0"])
+    assert len(records) == NUM_TRAIN
+    assert set(classes) == {"large_word", "top_word", "bottom_word", "large_color", "top_color", "bottom_color",
+                            "shape", "shape_color", "count"}
+    assert set(classes["top_word"]) <= set(syn.VOCABULARY) and set(classes["count"]) <= {"1", "2", "3", "4"}
+    for i in (0, 7):
+        scene = syn.sample_scene(random.Random(f"piip-synthetic-0-train-{i}"), 128)
+        assert records[i]["image"] == f"images/{i:06d}.png"
+        assert records[i]["labels"] == syn.scene_labels(scene)
+        assert records[i]["labels"]["bottom_word"] == scene.word("bottom").word
+        assert records[i]["labels"]["count"] == str(scene.count)
 
 
 def test_text_corpus(dataset):
