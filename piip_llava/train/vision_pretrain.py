@@ -153,7 +153,7 @@ class FlatTokenProbe(nn.Module):
 
 def build_stage0_model(args: VisionPretrainArguments, vocab_size: int | None):
     """The PIIP-LLaVA model to pretrain (seeded), its LLM vocabulary checked against the tokenizer."""
-    from piip_llava.models import PiipLlavaConfig, PiipLlavaForConditionalGeneration
+    from piip_llava.models import PiipLlavaForConditionalGeneration
     from piip_llava.models.builder import build_model
     from piip_llava.models.configuration_piip_llava import load_preset
 
@@ -161,7 +161,7 @@ def build_stage0_model(args: VisionPretrainArguments, vocab_size: int | None):
     if args.model_path:
         model = PiipLlavaForConditionalGeneration.from_pretrained(args.model_path, dtype=torch.float32)
     else:
-        config = load_preset(args.preset) if args.preset else PiipLlavaConfig.from_json_file(args.config)
+        config = load_preset(args.preset or args.config)  # a preset name or a config JSON path, as in training
         model = build_model(config, load_branches=True)
     if vocab_size is not None and vocab_size > model.config.text_config.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer_path} has {vocab_size} tokens but the LLM vocabulary is "

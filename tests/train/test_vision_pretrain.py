@@ -87,6 +87,16 @@ def test_probe_learns_labels_and_checkpoint_continues(tmp_path, tokenizer_dir):
     assert again == 0
 
 
+def test_config_json_path_is_accepted(tmp_path):
+    from piip_llava.models.configuration_piip_llava import PRESET_DIR
+
+    data = write_labelled(str(tmp_path), n=20)
+    code = vp.main(["--data-path", data, "--image-folder", str(tmp_path), "--config",
+                    os.path.join(PRESET_DIR, f"{PRESET}.json"), "--output-dir", str(tmp_path / "o"), "--max-steps", "2",
+                    "--batch-size", "4", "--no-progress"])
+    assert code == 0 and (tmp_path / "o" / "model.safetensors").is_file()
+
+
 def test_missing_image_names_the_record(tmp_path):
     data = write_labelled(str(tmp_path), n=20)
     os.remove(tmp_path / "images" / "0.png")
