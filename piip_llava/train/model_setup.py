@@ -55,6 +55,13 @@ def load_config(model_args: ModelArguments) -> PiipLlavaConfig:
     return load_preset(model_args.preset or model_args.config)
 
 
+def check_tokenizer_fits(num_tokens: int, config: PiipLlavaConfig, tokenizer_path: str | None) -> None:
+    """Refuse a tokenizer with more tokens than the LLM's embedding table (ids past it would index out of range)."""
+    if num_tokens > config.text_config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {num_tokens} tokens but the LLM "
+                         f"vocabulary is {config.text_config.vocab_size}")
+
+
 def build_base_model(model_args: ModelArguments, attn_implementation: str | None = None) -> PiipLlavaForConditionalGeneration:
     """A checkpoint of ours (`model_name_or_path`) or preset/config + pretrained branches + LLM, in fp32.
 

@@ -20,7 +20,8 @@ from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDatas
 from ..data.tokenizer import load_tokenizer
 from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor
 from .arguments import DataArguments, ModelArguments, PiipTrainingArguments, parse_args
-from .model_setup import apply_lora, build_training_model, full_model_init, save_stage1_weights, unwrap_piip
+from .model_setup import (apply_lora, build_training_model, check_tokenizer_fits, full_model_init,
+                          save_stage1_weights, unwrap_piip)
 from .trainer import PiipTrainer, ProgressLogCallback
 
 logger = logging.getLogger("piip_llava.train")
@@ -100,9 +101,7 @@ def prepare_model(model_args: ModelArguments, data_args: DataArguments, args: Pi
     with full_model_init(args):
         model = build_training_model(model_args, args)
         config = model.config
-        if len(tokenizer) > config.text_config.vocab_size:
-            raise ValueError(f"tokenizer {model_args.tokenizer_path} has {len(tokenizer)} tokens but the LLM "
-                             f"vocabulary is {config.text_config.vocab_size}")
+        check_tokenizer_fits(len(tokenizer), config, model_args.tokenizer_path)
         if args.stage == 2:  # inference reads the template and the aspect mode the model was tuned with
             config.conversation_template, config.image_aspect_ratio = resolve_template_and_aspect(data_args, args, config)
         if args.tune == "lora":

@@ -27,7 +27,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,7 @@ def build_stage0_model(args: VisionPretrainArguments, vocab_size: int | None):
     from piip_llava.models import PiipLlavaForConditionalGeneration
     from piip_llava.models.builder import build_model
     from piip_llava.models.configuration_piip_llava import load_preset
+    from piip_llava.train.model_setup import check_tokenizer_fits
 
     torch.manual_seed(args.seed)
     if args.model_path:
@@ -163,9 +164,8 @@ def build_stage0_model(args: VisionPretrainArguments, vocab_size: int | None):
     else:
         config = load_preset(args.preset or args.config)  # a preset name or a config JSON path, as in training
         model = build_model(config, load_branches=True)
-    if vocab_size is not None and vocab_size > model.config.text_config.vocab_size:
-        raise ValueError(f"tokenizer {args.tokenizer_path} has {vocab_size} tokens but the LLM vocabulary is "
-                         f"{model.config.text_config.vocab_size}")
+    if vocab_size is not None:
+        check_tokenizer_fits(vocab_size, model.config, args.tokenizer_path)
     return model
 
 
@@ -211,10 +211,9 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
         raise ValueError(f"{len(train_records)} training records < batch size {args.batch_size}")
     eval_loader = DataLoader(eval_ds, batch_size=64)
 
-    for p in model.language_model.parameters():
-        p.requires_grad_(False)
     probe = FlatTokenProbe(model.config.num_image_tokens, model.config.text_config.hidden_size,
                            [len(v) for v in classes.values()])
+    # only the tower + projector (+ probe) are optimised; the LLM is not even in the forward (get_image_features)
     params = [p for m in (model.vision_tower, model.multi_modal_projector, probe) for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * args.max_steps),
@@ -244,8 +243,6 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
             if step >= args.max_steps:
                 break
     bar.close()
-    for p in model.language_model.parameters():
-        p.requires_grad_(True)
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
     if tokenizer is not None:
@@ -263,7 +260,7 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m piip_llava.train.vision_pretrain",
                                      description=__doc__.split("\n")[0])
-    defaults = VisionPretrainArguments("", "", "", preset="x")
+    defaults = argparse.Namespace(**{f.name: f.default for f in fields(VisionPretrainArguments)})
     parser.add_argument("--data-path", required=True, help="labels JSON: [{'image', 'labels': {field: value}}]")
     parser.add_argument("--image-folder", required=True, help="root the 'image' paths are relative to")
     parser.add_argument("--output-dir", required=True, help="checkpoint + metrics go here (created)")

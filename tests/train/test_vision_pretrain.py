@@ -103,3 +103,9 @@ def test_missing_image_names_the_record(tmp_path):
     with pytest.raises(Exception, match=r"0\.png"):
         vp.main(["--data-path", data, "--image-folder", str(tmp_path), "--preset", PRESET, "--output-dir",
                  str(tmp_path / "o"), "--max-steps", "30", "--batch-size", "4", "--num-eval", "0", "--no-progress"])
+
+
+def test_tokenizer_larger_than_llm_vocabulary_is_refused():
+    args = vp.VisionPretrainArguments("d", "i", "o", preset=PRESET, tokenizer_path="tok")
+    with pytest.raises(ValueError, match=r"tokenizer tok has 1000000 tokens but the LLM vocabulary is 512"):
+        vp.build_stage0_model(args, 10**6)
