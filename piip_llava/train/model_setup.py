@@ -8,6 +8,7 @@ Freeze policies (`--tune`):
 | `projector+interactions` | projector + interactions (branches and LLM frozen)      | stage-1 option        |
 | `vision`                 | branches + interactions + projector (LLM frozen)        | from-scratch towers   |
 | `full`                   | everything                                              | stage 2               |
+| `projector+llm`          | projector + LLM (branches and interactions frozen)      | LLaVA-1.5 stage 2     |
 | `lora`                   | LoRA on the LLM linears + projector + interactions      | stage-2 option        |
 
 Stage 1 saves `mm_projector.safetensors` (`multi_modal_projector.*` keys; plus `mm_interactions.safetensors` when
@@ -38,6 +39,7 @@ TRAINABLE_GROUPS = {
     "projector+interactions": ("projector", "interactions"),
     "vision": ("projector", "interactions", "branches"),
     "full": ("projector", "interactions", "branches", "llm"),
+    "projector+llm": ("projector", "llm"),
     "lora": ("projector", "interactions"),  # + the LoRA matrices peft adds
 }
 

@@ -65,6 +65,7 @@ def test_bad_arguments_fail_early(tmp_path, data_file, tokenizer_dir):
     ("projector+interactions", {"projector", "interactions"}),
     ("vision", {"projector", "interactions", "branches"}),
     ("full", {"projector", "interactions", "branches", "llm"}),
+    ("projector+llm", {"projector", "llm"}),
 ])
 def test_tune_policies(model, tune, trainable):
     from piip_llava.train.model_setup import apply_tune_policy
