@@ -13,11 +13,21 @@ from .report import collect_summaries
 EXTRA_KEYS = ("metric", "circular", "vanilla", "questions", "rows", "samples", "errors", "num_errors", "unreadable")
 
 
+def _detail(value) -> str:
+    """One table cell entry: lists (e.g. the unreadable answers) by their length, floats to 2 decimals."""
+    if isinstance(value, (list, tuple)):
+        return str(len(value))
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
 def summary_table(summaries: dict[str, dict]) -> str:
     lines = ["| benchmark | score (%) | details |", "| --- | --- | --- |"]
     for name, summary in sorted(summaries.items()):
         score = summary.get("score")
-        details = ", ".join(f"{k}={summary[k]}" for k in EXTRA_KEYS if k in summary and not isinstance(summary[k], dict))
+        details = ", ".join(f"{k}={_detail(summary[k])}" for k in EXTRA_KEYS
+                            if k in summary and not isinstance(summary[k], dict))
         lines.append(f"| {name} | {'n/a' if score is None else f'{score:.2f}'} | {details} |")
     return "\n".join(lines)
 
