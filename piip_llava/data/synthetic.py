@@ -66,6 +66,9 @@ READ_ALL_FRACTION = 0.45
 #: from-scratch LLM did not start reading within 600 steps (shuffled-image loss = real-image loss); without them the
 #: gap opened by step 300.
 MULTIPLE_CHOICE_FRACTION = 0.05
+#: Share of the random-order reading questions that name the word by its colour ("What word is written in red?");
+#: the TextVQA split asks about 1/3 of its questions this way.
+COLOR_REFERENCE_FRACTION = 0.35
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MC_ANSWER_PROMPT = "Answer with the option's letter from the given choices directly."
 OCR_PREFIX = "Reference OCR token: "
@@ -410,7 +413,7 @@ def _stage2_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     """2-4 distinct short-answer (question, answer) turns; word-reading questions dominate."""
     pool: list[tuple[str, str]] = []
     for role in ("large", "top", "bottom"):
-        by_color = rng.random() < 0.35
+        by_color = rng.random() < COLOR_REFERENCE_FRACTION
         q, a = word_question(scene, role, by_color)
         tokens = ocr_tokens(scene, rng) if rng.random() < 0.5 else None
         pool.append((textvqa_prompt(q, tokens), a))
