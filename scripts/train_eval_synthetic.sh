@@ -5,7 +5,8 @@
 #   DATA (synthetic dataset folder), TOKENIZER_PATH, PRESET, RUN_DIR (outputs: stage0/, stage1/, stage2/, eval/)
 #   STAGE1_STEPS, STAGE2_STEPS, STAGE1_LR, STAGE2_LR, STAGE2_SCHEDULER (constant_with_warmup), BATCH (per step), NPROC (1: one process, no DeepSpeed;
 #   >1: torchrun + DeepSpeed ZeRO-2 on the CPU), EVAL_BATCH, PYTHON
-#   STAGE0_STEPS (1500; 0 skips it), STAGE0_LR: stage 0 pretrains branches + interactions + projector on the
+#   STAGE0_STEPS (1500; 0 skips it), STAGE0_LR (3e-4: at 1e-3 the single-CLIP presets of the experiment sat at
+#     chance for ~800 steps, PIIP learned as well at either): stage 0 pretrains branches + interactions + projector on the
 #     dataset's labels (python -m piip_llava.train.vision_pretrain). Real branches come pretrained; random ones give
 #     visual tokens an LLM learns to ignore, so this stands in for backbone pretraining. Stage 1 continues from it.
 #   STAGE1_TUNE (projector): what stage 1 trains: the official policy (projector only, on the captions); stage 2 then
@@ -40,7 +41,7 @@ if [ "$STAGE0_STEPS" -gt 0 ]; then
     echo "== [$PRESET] stage 0: vision pretraining on the image labels ($STAGE0_STEPS steps)"
     "$PYTHON" -m piip_llava.train.vision_pretrain --data-path "$DATA/stage0.json" --image-folder "$DATA" \
       --preset "$PRESET" --tokenizer-path "$TOKENIZER_PATH" --output-dir "$RUN_DIR/stage0" \
-      --max-steps "$STAGE0_STEPS" --batch-size "$BATCH" --learning-rate "${STAGE0_LR:-1e-3}" \
+      --max-steps "$STAGE0_STEPS" --batch-size "$BATCH" --learning-rate "${STAGE0_LR:-3e-4}" \
       --eval-steps "$(( STAGE0_STEPS > 4 ? STAGE0_STEPS / 4 : 1 ))"
   fi
   STAGE1_FROM=(MODEL_PATH="$RUN_DIR/stage0")
