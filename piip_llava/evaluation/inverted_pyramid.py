@@ -99,7 +99,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_title("Inverted pyramid in miniature: accuracy vs encoder cost")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")  # upper left hid the low-FLOPs run's large-word point
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
