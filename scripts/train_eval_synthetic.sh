@@ -3,8 +3,9 @@
 # Used by scripts/quickstart.sh and scripts/experiments/inverted_pyramid.sh.
 #
 #   DATA (synthetic dataset folder), TOKENIZER_PATH, PRESET, RUN_DIR (outputs: stage0/, stage1/, stage2/, eval/)
-#   STAGE1_STEPS, STAGE2_STEPS, STAGE1_LR, STAGE2_LR, STAGE2_SCHEDULER (constant_with_warmup), BATCH (per step), NPROC (1: one process, no DeepSpeed;
-#   >1: torchrun + DeepSpeed ZeRO-2 on the CPU), EVAL_BATCH, PYTHON
+#   STAGE1_STEPS, STAGE2_STEPS, STAGE1_LR, STAGE2_LR, STAGE2_SCHEDULER (constant_with_warmup), BATCH (per step),
+#   NPROC (1: one process, no DeepSpeed; >1: torchrun + DeepSpeed ZeRO-2 on the CPU), EVAL_BATCH, PYTHON, RELIANCE_RECORDS (128: records for the
+#   image-reliance check, python -m piip_llava.evaluation.image_reliance)
 #   STAGE0_STEPS (1500; 0 skips it), STAGE0_LR (3e-4: at 1e-3 the single-CLIP presets of the experiment sat at
 #     chance for ~800 steps, PIIP learned as well at either): stage 0 pretrains branches + interactions + projector on the
 #     dataset's labels (python -m piip_llava.train.vision_pretrain). Real branches come pretrained; random ones give
@@ -60,7 +61,8 @@ case "$STAGE1_TUNE" in  # projector policies save only the projector; the others
   *) STAGE2_FROM=(MODEL_PATH="$RUN_DIR/stage1") ;;
 esac
 env "${STAGE2_FROM[@]}" TUNE="$STAGE2_TUNE" DATA_PATH="$DATA/stage2.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage2" \
-  MAX_STEPS="${STAGE2_STEPS:-1000}" LR="${STAGE2_LR:-1e-3}" SCHEDULER="${STAGE2_SCHEDULER:-constant_with_warmup}" PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${STAGE2_WARMUP:-0.03}" \
+  MAX_STEPS="${STAGE2_STEPS:-1000}" LR="${STAGE2_LR:-1e-3}" SCHEDULER="${STAGE2_SCHEDULER:-constant_with_warmup}" \
+  PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${STAGE2_WARMUP:-0.03}" \
   bash "$SCRIPT_DIR/finetune_piip_llava.sh"
 
 echo "== [$PRESET] evaluation: synthetic TextVQA and MMBench"
@@ -73,3 +75,7 @@ mkdir -p "$RUN_DIR/eval"
   --question-file "$DATA/eval/mmbench/mmbench_dev_synthetic.tsv" \
   --answers-file "$RUN_DIR/eval/mmbench_answers.jsonl" --batch-size "${EVAL_BATCH:-16}" --max-new-tokens 8 \
   --score --submission "$RUN_DIR/eval"
+echo "== [$PRESET] image reliance: answer loss with the right images vs another record's (stage-2 records)"
+"$PYTHON" -m piip_llava.evaluation.image_reliance --model-path "$RUN_DIR/stage2" --data-path "$DATA/stage2.json" \
+  --image-folder "$DATA" --num-records "${RELIANCE_RECORDS:-128}" --batch-size "${EVAL_BATCH:-16}" \
+  --output "$RUN_DIR/eval/image_reliance.json"
