@@ -6,14 +6,58 @@ Names match the official checkpoints: `branch2to1_proj`, `branch1to2_proj`, `bra
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 
-from ..models.configuration_piip_llava import InteractionConfig
 from .deform_attn import CrossAttention, DeformableAttention
+
+
+@dataclass
+class InteractionConfig:
+    """Cross-branch interaction unit (spec 1.6-1.7). Lives with the layers it configures so that `layers/` never
+    imports from `models/`; `PiipVisionConfig` stores it as a dict."""
+
+    attn_type: Literal["deform", "normal"] = "deform"
+    num_heads: int = 16
+    n_points: int = 4
+    deform_ratio: float = 0.5
+    with_cffn: bool = True
+    cffn_ratio: float = 0.25
+    drop_path_rate: float = 0.4
+    with_proj: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.attn_type not in ("deform", "normal"):
+            raise ValueError(f"interaction attn_type must be 'deform' or 'normal', got {self.attn_type!r}")
+        if self.num_heads <= 0 or self.n_points <= 0:
+            raise ValueError("interaction num_heads and n_points must be positive")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"interaction drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's `DropPath`, scale_by_keep=True), kept here so that checkpoints whose
+    branches are all ViTs load without timm."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
 
 
 class DWConv(nn.Module):

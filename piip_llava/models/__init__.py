@@ -1,5 +1,5 @@
 """PIIP-LLaVA model classes; importing registers them with the transformers Auto classes."""
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .configuration_piip_llava import (
     BranchConfig,
@@ -9,7 +9,7 @@ from .configuration_piip_llava import (
     load_preset,
     preset_names,
 )
-from .modeling_piip_llava import PiipLlavaForConditionalGeneration, PiipProjector
+from .modeling_piip_llava import PiipLlavaForConditionalGeneration, PiipLlavaModel, PiipProjector
 from .modeling_piip_vision import PiipVisionTower
 from .processing_piip_llava import (
     ImageLoadError,
@@ -21,6 +21,7 @@ from .processing_piip_llava import (
 
 AutoConfig.register("piip_vision", PiipVisionConfig, exist_ok=True)
 AutoConfig.register("piip_llava", PiipLlavaConfig, exist_ok=True)
+AutoModel.register(PiipLlavaConfig, PiipLlavaModel, exist_ok=True)
 AutoModelForCausalLM.register(PiipLlavaConfig, PiipLlavaForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(PiipLlavaConfig, PiipLlavaForConditionalGeneration, exist_ok=True)
 
@@ -30,6 +31,7 @@ __all__ = [
     "InteractionConfig",
     "PiipLlavaConfig",
     "PiipLlavaForConditionalGeneration",
+    "PiipLlavaModel",
     "PiipLlavaImageProcessor",
     "PiipLlavaProcessor",
     "PiipProjector",

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from transformers import AutoConfig, PretrainedConfig
 
+from ..layers.interaction import InteractionConfig
+
 BranchType = Literal["clip", "siglip", "internvit", "convnext"]
 BRANCH_TYPES = ("clip", "siglip", "internvit", "convnext")
 VIT_TYPES = ("clip", "siglip", "internvit")
@@ -142,32 +144,6 @@ class BranchConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class InteractionConfig:
-    """Cross-branch interaction unit (spec 1.6-1.7)."""
-
-    attn_type: Literal["deform", "normal"] = "deform"
-    num_heads: int = 16
-    n_points: int = 4
-    deform_ratio: float = 0.5
-    with_cffn: bool = True
-    cffn_ratio: float = 0.25
-    drop_path_rate: float = 0.4
-    with_proj: bool = True
-    norm_eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.attn_type not in ("deform", "normal"):
-            raise ValueError(f"interaction attn_type must be 'deform' or 'normal', got {self.attn_type!r}")
-        if self.num_heads <= 0 or self.n_points <= 0:
-            raise ValueError("interaction num_heads and n_points must be positive")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"interaction drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 class PiipVisionConfig(PretrainedConfig):
     """N branches ordered from the largest model on the smallest image to the smallest model on the largest."""
 
@@ -289,6 +265,8 @@ class PiipLlavaConfig(PretrainedConfig):
         if image_token_id is None and text_config is not None:
             image_token_id = text_config.vocab_size  # outside the LM vocabulary: never embedded, never generated
         self.image_token_id = image_token_id
+        if text_config is not None:  # transformers 5 ties lm_head to the embeddings by the top-level flag
+            kwargs.setdefault("tie_word_embeddings", bool(getattr(text_config, "tie_word_embeddings", False)))
         super().__init__(**kwargs)
         if text_config is not None and self.vision_config.branches:
             hidden = text_config.hidden_size

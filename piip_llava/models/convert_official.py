@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .configuration_piip_llava import PiipLlavaConfig, PiipVisionConfig, load_preset, preset_names
+from .modeling_piip_llava import convert_legacy_key
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 TOKENIZER_FILES = (
@@ -347,6 +348,7 @@ def load_official_state_dict(src: str) -> dict[str, torch.Tensor]:
 
 
 def _convert_key(key: str) -> str:
+    """Official name -> this project's flat name (`convert_legacy_key` then gives the HF layout)."""
     if key == "lm_head.weight":
         return "language_model.lm_head.weight"
     if key.startswith(TOWER_PREFIX):
@@ -385,7 +387,7 @@ def convert_official_state_dict(
     for key, value in state_dict.items():
         if any(p.match(key) for p in NON_PERSISTENT):
             continue
-        new = _convert_key(key)
+        new = convert_legacy_key(_convert_key(key))
         if new in out:
             raise ConversionError(f"two checkpoint keys map to {new!r} (one is {key!r})")
         out[new] = value

@@ -1,22 +1,42 @@
-"""PIIP-LLaVA: vision tower -> projector -> visual tokens spliced into any Hugging Face causal LM.
+"""PIIP-LLaVA: vision tower -> projector -> visual tokens spliced into any Hugging Face language model.
 
-`PiipLlavaForConditionalGeneration` composes `PiipVisionTower`, a projector and
-`AutoModelForCausalLM.from_config(text_config)`. Image features replace the positions of `config.image_token_id`
-in `input_ids` (one position per visual token, expanded by the processor/dataset).
+Laid out as transformers' LLaVA family: `PiipLlavaModel` (what `AutoModel` returns) composes `PiipVisionTower`, a
+projector and the base language model `AutoModel.from_config(text_config)`; `PiipLlavaForConditionalGeneration`
+adds `lm_head` on top (`model.*` + `lm_head.*` weight names). Image features replace the positions of
+`config.image_token_id` in `input_ids` (one position per visual token, expanded by the processor).
+Checkpoints written with the earlier flat layout (`vision_tower.*`, `language_model.model.*`,
+`language_model.lm_head.*`) load through `LEGACY_KEY_MAPPING`.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from ..layers.interaction import InteractionUnit
 from .configuration_piip_llava import PiipLlavaConfig
 from .modeling_piip_vision import PiipVisionTower
+
+# old flat layout -> HF layout (regexes for `from_pretrained(key_mapping=...)`); new keys never match
+LEGACY_KEY_MAPPING = {
+    r"^language_model\.lm_head\.": "lm_head.",
+    r"^language_model\.model\.": "model.language_model.",
+    r"^vision_tower\.": "model.vision_tower.",
+    r"^multi_modal_projector\.": "model.multi_modal_projector.",
+}
+
+
+def convert_legacy_key(key: str) -> str:
+    """One weight name of the old flat layout -> its HF-layout name (unchanged when already HF layout)."""
+    for pattern, repl in LEGACY_KEY_MAPPING.items():
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key, count=1)
+    return key
 
 
 class BranchMLP(nn.Module):
@@ -92,6 +112,12 @@ class PiipLlavaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["InteractionBlock", "CLIPEncoderLayer", "SiglipEncoderLayer", "InternVLVisionLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained` that also reads checkpoints in the old flat layout."""
+        kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
+        return super().from_pretrained(*args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # Branch backbones and the LLM are PreTrainedModels and initialise themselves; interactions use the
@@ -100,31 +126,124 @@ class PiipLlavaPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
 
 
-class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixin):
-    """PIIP vision tower + projector + causal LM, with `generate()` and KV cache."""
+class PiipLlavaModel(PiipLlavaPreTrainedModel):
+    """Vision tower + projector + base language model (no LM head): returns the LM's last hidden states."""
 
     def __init__(self, config: PiipLlavaConfig) -> None:
         super().__init__(config)
         self.vision_tower = PiipVisionTower(config.vision_config)
         self.multi_modal_projector = build_projector(config, self.vision_tower.out_dims)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
-    # ---- plumbing expected by transformers / peft / the trainer ----
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs: Any):
+        """pixel_values (N, 3, R, R) -> visual tokens (N, num_image_tokens, D).
+
+        With `return_dict=True` (the transformers 5 contract that vLLM's Transformers backend calls) a
+        `BaseModelOutputWithPooling` whose `pooler_output` (and `last_hidden_state`) hold the visual tokens.
+        """
+        features = self.multi_modal_projector(self.vision_tower(pixel_values))
+        if return_dict:
+            return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=features)
+        return features
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ):
+        """input_ids (B, L) with `image_token_id` at visual-token positions; pixel_values (N, 3, R, R) for the N
+        images of the batch in order of appearance. Given `inputs_embeds` (vLLM merges the visual tokens itself),
+        the splice is skipped."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            image_mask = input_ids == self.config.image_token_id
+            # the image token id may lie outside the LM vocabulary: embed a valid id there, then overwrite
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+            has_images = pixel_values is not None and pixel_values.shape[0] > 0
+            n_tokens = int(image_mask.sum())  # the one host sync of the forward: validates the splice
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            decoding = cache is not None and cache.get_seq_length() > 0
+            if has_images and not (decoding and n_tokens == 0):
+                features = self.get_image_features(pixel_values)  # (N, T, D)
+                expected = features.shape[0] * features.shape[1]
+                if n_tokens != expected:
+                    raise ValueError(
+                        f"the batch has {n_tokens} image-token positions but {features.shape[0]} images x "
+                        f"{features.shape[1]} visual tokens = {expected}; each <image> must be expanded to "
+                        f"{features.shape[1]} tokens (the processor does it) and match one image"
+                    )
+                inputs_embeds = inputs_embeds.masked_scatter(
+                    image_mask.unsqueeze(-1), features.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
+                )
+            elif n_tokens and not decoding:
+                raise ValueError(f"the batch has {n_tokens} image-token positions but no pixel_values")
+            elif self.training and not has_images:
+                # Text-only batch: run the tower on a blank image and add a zero contribution, so every rank
+                # uses every parameter (DDP) and ZeRO-3 gathers the same modules on all ranks.
+                size = self.config.vision_config.image_size
+                blank = inputs_embeds.new_zeros(1, 3, size, size)
+                inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(blank).sum().to(inputs_embeds.dtype)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, return_dict=True,
+            **kwargs,
+        )
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+
+class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixin):
+    """`PiipLlavaModel` + `lm_head`, with `generate()` and KV cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: PiipLlavaConfig) -> None:
+        super().__init__(config)
+        self.model = PiipLlavaModel(config)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.post_init()
+
+    # ---- the parts, by their LLaVA names ----
+    @property
+    def vision_tower(self) -> PiipVisionTower:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> nn.Module:
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The base language model (no head; `lm_head` is this model's)."""
+        return self.model.language_model
+
+    # ---- plumbing expected by transformers / peft / the trainer ----
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
     def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
+        return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
+        self.lm_head = value
 
     def get_decoder(self) -> nn.Module:
-        return self.language_model.get_decoder()
+        return self.model.language_model
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
         self.vision_tower.set_grad_checkpointing(enable)
@@ -145,14 +264,15 @@ class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixi
         return self.language_model.is_gradient_checkpointing
 
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Named parameters split into `branches`, `interactions`, `projector`, `llm` (for separate LRs / freezing)."""
+        """Named parameters split into `branches`, `interactions`, `projector`, `llm` (for separate LRs / freezing).
+        `llm` holds the base language model and `lm_head`."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {"branches": [], "interactions": [], "projector": [], "llm": []}
         for name, p in self.named_parameters():
-            if name.startswith("vision_tower.interactions."):
+            if name.startswith("model.vision_tower.interactions."):
                 groups["interactions"].append((name, p))
-            elif name.startswith("vision_tower."):
+            elif name.startswith("model.vision_tower."):
                 groups["branches"].append((name, p))
-            elif name.startswith("multi_modal_projector."):
+            elif name.startswith("model.multi_modal_projector."):
                 groups["projector"].append((name, p))
             else:
                 groups["llm"].append((name, p))
@@ -172,9 +292,9 @@ class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixi
         return out
 
     # ---- forward ----
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (N, 3, R, R) -> visual tokens (N, num_image_tokens, D)."""
-        return self.multi_modal_projector(self.vision_tower(pixel_values))
+    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs: Any):
+        """See `PiipLlavaModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, return_dict=return_dict, **kwargs)
 
     def forward(
         self,
@@ -184,44 +304,27 @@ class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixi
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """input_ids (B, L) with `image_token_id` at visual-token positions; pixel_values (N, 3, R, R) for the N
-        images of the batch in order of appearance; labels (B, L) with -100 where not supervised."""
-        if inputs_embeds is None:
-            image_mask = input_ids == self.config.image_token_id
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-            has_images = pixel_values is not None and pixel_values.shape[0] > 0
-            n_tokens = int(image_mask.sum())  # the one host sync of the forward: validates the splice
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            decoding = cache is not None and cache.get_seq_length() > 0
-            if has_images and not (decoding and n_tokens == 0):
-                features = self.get_image_features(pixel_values)  # (N, T, D)
-                expected = features.shape[0] * features.shape[1]
-                if n_tokens != expected:
-                    raise ValueError(
-                        f"the batch has {n_tokens} image-token positions but {features.shape[0]} images x "
-                        f"{features.shape[1]} visual tokens = {expected}; each <image> must be expanded to "
-                        f"{features.shape[1]} tokens (see expand_image_tokens) and match one image"
-                    )
-                inputs_embeds = inputs_embeds.masked_scatter(
-                    image_mask.unsqueeze(-1), features.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
-                )
-            elif n_tokens and not decoding:
-                raise ValueError(f"the batch has {n_tokens} image-token positions but no pixel_values")
-            elif self.training and not has_images:
-                # Text-only batch: run the tower on a blank image and add a zero contribution, so every rank
-                # uses every parameter (DDP) and ZeRO-3 gathers the same modules on all ranks.
-                size = self.config.vision_config.image_size
-                blank = inputs_embeds.new_zeros(1, 3, size, size)
-                inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(blank).sum().to(inputs_embeds.dtype)
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            **kwargs,
+        images of the batch in order of appearance; labels (B, L) with -100 where not supervised. Extra kwargs
+        (cache, `num_items_in_batch`, attention options) go to the language model and the loss."""
+        kwargs.pop("return_dict", None)
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
         )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **kwargs)
+        # cache / past_key_values (the name depends on the transformers version), hidden states, attentions
+        rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **rest)
 
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, **kwargs):
         """Pass `pixel_values` on the prefill step only (later steps read the KV cache)."""

@@ -128,7 +128,10 @@ class ConvNeXtBranch(nn.Module):
 
     def __init__(self, cfg: BranchConfig) -> None:
         super().__init__()
-        from timm.models.convnext import ConvNeXt
+        try:
+            from timm.models.convnext import ConvNeXt
+        except ImportError as e:  # the only branch type that needs timm (also in remote-code checkpoints)
+            raise ImportError("ConvNeXt branches need timm: pip install 'timm>=1.0.15'") from e
 
         self.cfg = cfg
         kwargs = dict(cfg.backbone)

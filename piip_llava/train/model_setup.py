@@ -101,12 +101,13 @@ def load_pretrained_projector(model: PiipLlavaForConditionalGeneration, path: st
         bad = [k for k in state if not k.startswith(prefix)]
         if bad:
             raise ValueError(f"{file}: keys outside {prefix}*: {bad[:5]}")
-        expected = {k for k in model.state_dict() if k.startswith(prefix)}
+        # the files keep LLaVA's `mm_projector` names (`multi_modal_projector.*`); in the model they live under `model.`
+        expected = {k[len("model."):] for k in model.state_dict() if k.startswith("model." + prefix)}
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise ValueError(f"{file} does not match the model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]} (was stage 1 run with the same preset?)")
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict({"model." + k: v for k, v in state.items()}, strict=False)
         loaded.extend(state)
         logger.info("loaded %d tensors from %s", len(state), file)
     return loaded

@@ -522,12 +522,12 @@ def test_gamma_key_mapping_is_exact():
           "lm_head.weight": torch.ones(1)}
     out = convert_official_state_dict(sd)
     assert sorted(out) == sorted([
-        "vision_tower.branches.1.model.stages.1.blocks.0.gamma",
-        "vision_tower.branches.1.model.stages.1.blocks.0.norm.weight",
-        "vision_tower.branches.1.model.stages.1.downsample.1.weight",
-        "multi_modal_projector.branches.1.norm.bias",
-        "multi_modal_projector.linear_2.weight",
-        "language_model.lm_head.weight",
+        "model.vision_tower.branches.1.model.stages.1.blocks.0.gamma",
+        "model.vision_tower.branches.1.model.stages.1.blocks.0.norm.weight",
+        "model.vision_tower.branches.1.model.stages.1.downsample.1.weight",
+        "model.multi_modal_projector.branches.1.norm.bias",
+        "model.multi_modal_projector.linear_2.weight",
+        "lm_head.weight",
     ])
 
 

@@ -337,7 +337,7 @@ def test_hooks_param_groups_and_no_weight_decay():
     groups = model.param_groups()
     total = sum(p.numel() for _, p in model.named_parameters())
     assert sum(p.numel() for g in groups.values() for _, p in g) == total
-    assert all(n.startswith("vision_tower.interactions.") for n, _ in groups["interactions"])
+    assert all(n.startswith("model.vision_tower.interactions.") for n, _ in groups["interactions"])
     assert groups["projector"] and groups["llm"] and groups["branches"]
     nwd = model.no_weight_decay()
     assert any(n.endswith("ca_weight") for n in nwd) and not any(n.endswith("q_proj.weight") for n in nwd)

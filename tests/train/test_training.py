@@ -101,11 +101,11 @@ def test_stage1_then_stage2_zero2_through_scripts(data, tokenizer_dir, tmp_path)
     init = build_training_model(model_args_for(tokenizer_dir), training_args_for(tmp_path / "x", stage=1)).state_dict()
     trained = load_file(os.path.join(s1, "checkpoint-4", "model.safetensors"))
     assert set(trained) == set(init)
-    frozen = [k for k in init if not k.startswith("multi_modal_projector.")]
-    assert any(".interactions." in k for k in frozen) and any(k.startswith("language_model.") for k in frozen)
+    frozen = [k for k in init if not k.startswith("model.multi_modal_projector.")]
+    assert any(".interactions." in k for k in frozen) and any(k.startswith("model.language_model.") for k in frozen)
     assert all(torch.equal(trained[k], init[k]) for k in frozen)
-    assert all(torch.equal(projector[k], trained[k]) for k in projector)
-    assert sum(not torch.equal(projector[k], init[k]) for k in projector) == len(projector)
+    assert all(torch.equal(projector[k], trained["model." + k]) for k in projector)
+    assert sum(not torch.equal(projector[k], init["model." + k]) for k in projector) == len(projector)
 
     logs1 = train_logs(s1)
     assert [h["step"] for h in logs1] == [1, 2, 3, 4]
@@ -117,7 +117,7 @@ def test_stage1_then_stage2_zero2_through_scripts(data, tokenizer_dir, tmp_path)
     model = build_training_model(model_args_for(tokenizer_dir),
                                  training_args_for(tmp_path / "y", stage=2, pretrained_projector=s1))
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in projector.items())
+    assert all(torch.equal(state["model." + k], v) for k, v in projector.items())
 
     out = run_script("finetune_piip_llava.sh", ZERO=2, TOKENIZER_PATH=tokenizer_dir, DATA_PATH=data["stage2"],
                      IMAGE_FOLDER=data["root"], OUTPUT_DIR=s2, PRETRAINED_PROJECTOR=s1, LR="2e-3", EPOCHS=2,
@@ -131,7 +131,7 @@ def test_stage1_then_stage2_zero2_through_scripts(data, tokenizer_dir, tmp_path)
 
     final = PiipLlavaForConditionalGeneration.from_pretrained(s2)
     assert final.config.conversation_template == "vicuna_v1" and final.config.image_aspect_ratio == "pad"
-    assert not torch.equal(final.state_dict()["language_model.lm_head.weight"], init["language_model.lm_head.weight"])
+    assert not torch.equal(final.state_dict()["lm_head.weight"], init["lm_head.weight"])
     engine = InferenceEngine.load(s2, device="cpu", dtype="float32")
     request = ChatRequest(messages=[{"role": "user", "content": "What color is it?"}],
                           image=Image.new("RGB", (50, 50), COLORS["red"]))
@@ -198,7 +198,7 @@ def test_lora_merge_matches_adapter_logits(data, tokenizer_dir, tmp_path):
     assert (la - lb).abs().max() > 1e-2  # training changed the model, so the comparison means something
     # projector and interactions trained fully (modules_to_save), branches stayed frozen
     ms, bs = merged.state_dict(), base.state_dict()
-    assert not torch.equal(ms["multi_modal_projector.branches.0.linear_1.weight"],
-                           bs["multi_modal_projector.branches.0.linear_1.weight"])
+    assert not torch.equal(ms["model.multi_modal_projector.branches.0.linear_1.weight"],
+                           bs["model.multi_modal_projector.branches.0.linear_1.weight"])
     assert any(not torch.equal(ms[k], bs[k]) for k in ms if ".interactions." in k)
-    assert all(torch.equal(ms[k], bs[k]) for k in ms if k.startswith("vision_tower.branches."))
+    assert all(torch.equal(ms[k], bs[k]) for k in ms if k.startswith("model.vision_tower.branches."))
