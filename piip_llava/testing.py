@@ -6,7 +6,7 @@ import os
 import torch
 
 from .data.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
-from .models import PiipLlavaForConditionalGeneration, load_preset
+from .models import PiipLlavaForConditionalGeneration, load_preset, save_processor
 
 
 def build_tiny_checkpoint(out_dir: str, preset: str = "tiny-piip2_clip_64-128", seed: int = 0,
@@ -30,5 +30,5 @@ def build_tiny_checkpoint(out_dir: str, preset: str = "tiny-piip2_clip_64-128", 
                 if name.endswith(("ca_weight", "cffn_weight")):
                     p.normal_(0.0, gate_scale)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_processor(model.config, tokenizer, out_dir)
     return out_dir

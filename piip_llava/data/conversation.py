@@ -169,6 +169,14 @@ def _bos_ids(tokenizer) -> list[int]:
     return [bos] if ids and ids[0] == bos else []
 
 
+def _check_no_image_token(ids: list[int], image_token_id: int) -> None:
+    """A literal `<image>` in the text becomes the image token with a tokenizer that knows it (the processor's): an
+    image slot with no image. Refused here, so the sample is skipped and counted instead of breaking a batch."""
+    if image_token_id in ids:
+        raise ConversationFormatError(f"the text holds a literal {IMAGE_PLACEHOLDER} where no image goes",
+                                      reason="image_tags")
+
+
 def _encode(pieces: list[Piece], tokenizer, image_token_id: int, with_labels: bool) -> tuple[list[int], list[int]]:
     """Tokenise pieces as LLaVA's `tokenizer_image_token` does, and label tokens by character offsets."""
     ids: list[int] = list(_bos_ids(tokenizer))
@@ -189,7 +197,9 @@ def _encode(pieces: list[Piece], tokenizer, image_token_id: int, with_labels: bo
         if not text:
             continue
         if not with_labels:
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            chunk_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            _check_no_image_token(chunk_ids, image_token_id)
+            ids.extend(chunk_ids)
             continue
         sup = bytearray(len(text))  # 1 where the character belongs to an answer span
         spans = []
@@ -218,6 +228,7 @@ def _encode(pieces: list[Piece], tokenizer, image_token_id: int, with_labels: bo
                 raise MaskingError(f"answer span {text[s:e]!r} covers no token after tokenisation")
             answers_seen += 1
         tok_ids = enc["input_ids"]
+        _check_no_image_token(tok_ids, image_token_id)
         ids.extend(tok_ids)
         labels.extend(i if f else IGNORE_INDEX for i, f in zip(tok_ids, flags))
     if with_labels and answers_seen != num_answers:
@@ -308,3 +319,56 @@ def tokenize_prompt(messages: Sequence[dict], tokenizer, template: str | Convers
     pieces = _render(get_template(template), rounds, has_image, system)
     ids, _ = _encode(pieces, tokenizer, image_token_id, with_labels=False)
     return ids
+
+
+# --------------------------------------------------------------------------------------------------- Jinja
+def chat_template_jinja(template: str | ConversationTemplate) -> str:
+    """The template as a Jinja chat template: `apply_chat_template(messages)` renders exactly `build_prompt_text`.
+
+    Messages may hold a string (a LLaVA-style `<image>` tag in it marks the image and is removed, as in training
+    data) or a list of parts (`{"type": "image"}` / `{"type": "image_url"}` and `{"type": "text", "text": ...}`).
+    As in training, the image slot goes at the front of the first user message, whatever its position there.
+    No BOS is written: the processor (and vLLM, which adds special tokens for multimodal models) adds it.
+    """
+    import json
+
+    tpl = get_template(template)
+
+    def lit(text: str) -> str:
+        return json.dumps(text)  # a valid Jinja string literal (escapes as in Python)
+
+    s_head, s_tail = _split(tpl.system_format, "system") if tpl.system_format else ("", "")
+    u_head, u_tail = _split(tpl.user_format, "content")
+    a_head, a_tail = _split(tpl.answer_format, "content")
+    return (
+        "{#- piip_llava conversation template " + tpl.name + " (generated from ConversationTemplate) -#}\n"
+        "{%- set image_token = " + lit(IMAGE_PLACEHOLDER) + " -%}\n"
+        "{%- macro text_of(content) -%}"
+        "{%- if content is string -%}"
+        "{%- if image_token in content -%}{{ content | replace(image_token, '') | trim }}{%- else -%}{{ content }}{%- endif -%}"
+        "{%- else -%}{%- for part in content -%}{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}\n"
+        "{%- set ns = namespace(system=" + lit(tpl.system) + ", has_image=false, first_user=true) -%}\n"
+        "{%- for m in messages -%}"
+        "{%- if m['content'] is string -%}{%- if image_token in m['content'] -%}{%- set ns.has_image = true -%}{%- endif -%}"
+        "{%- else -%}{%- for part in m['content'] -%}"
+        "{%- if part['type'] in ['image', 'image_url', 'input_image'] -%}{%- set ns.has_image = true -%}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endfor -%}\n"
+        "{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.system = text_of(messages[0]['content']) -%}"
+        "{%- endif -%}\n"
+        + ("{%- if ns.system -%}{{ " + lit(s_head) + " }}{{ ns.system }}{{ " + lit(s_tail) + " }}{%- endif -%}\n"
+           if tpl.system_format else "")
+        + "{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{{ " + lit(u_head) + " }}"
+        "{%- if ns.first_user and ns.has_image -%}{{ image_token }}{{ " + lit(tpl.image_sep) + " }}{%- endif -%}"
+        + ("" if tpl.drop_user_text else "{{ text_of(m['content']) }}")
+        + "{{ " + lit(u_tail + tpl.assistant_prefix) + " }}"
+        "{%- set ns.first_user = false -%}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{{ " + lit(a_head) + " }}{{ text_of(m['content']) }}{{ " + lit(a_tail + tpl.answer_suffix) + " }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )

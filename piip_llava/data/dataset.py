@@ -10,6 +10,7 @@ DataLoader worker processes (the collator can forward their sum to the trainer's
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from array import array
@@ -27,10 +28,9 @@ from piip_llava.data.conversation import (
     ConversationTemplate,
     MaskingError,
     get_template,
-    tokenize_conversation,
 )
 from piip_llava.data.mixture import iter_records, read_record, record_images
-from piip_llava.models.processing_piip_llava import ImageLoadError, expand_image_tokens, load_image
+from piip_llava.models.processing_piip_llava import ImageLoadError, PiipLlavaProcessor, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -57,25 +57,32 @@ class LazySupervisedDataset(Dataset):
 
     Args:
         data_path: JSON array or JSONL file of LLaVA records.
-        tokenizer: HF tokenizer (see `piip_llava.data.tokenizer.load_tokenizer`).
-        image_processor: callable list[PIL.Image] -> FloatTensor (N, 3, R, R) (`PiipLlavaImageProcessor`).
-        image_token_id / num_image_tokens: from the model config; the single image token is expanded to
-            `num_image_tokens` positions.
+        tokenizer: the model's `PiipLlavaProcessor` (it tokenises, masks and expands the image token); or an HF
+            tokenizer together with `image_processor` (`PiipLlavaImageProcessor`), `image_token_id` and
+            `num_image_tokens`, from which a processor is built.
         image_folder: root for relative `image` paths (default: the data file's folder).
         template: conversation template name or object (`plain` for stage 1, `vicuna_v1` for stage 2).
         model_max_length: total length after image-token expansion; longer samples are truncated (text only) and
             samples whose image tokens would be cut are skipped. None: the tokenizer's `model_max_length`.
     """
 
-    def __init__(self, data_path: str, tokenizer, image_processor, image_token_id: int, num_image_tokens: int,
+    def __init__(self, data_path: str, tokenizer, image_processor=None, image_token_id: int | None = None,
+                 num_image_tokens: int | None = None,
                  image_folder: str | None = None, template: str | ConversationTemplate = "vicuna_v1",
                  model_max_length: int | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  max_retries: int = 100, progress: bool = True):
+        if isinstance(tokenizer, PiipLlavaProcessor):
+            processor = tokenizer
+        else:  # (tokenizer, image processor, ids): a processor over a copy, the caller's tokenizer stays as it is
+            processor = PiipLlavaProcessor(image_processor, copy.deepcopy(tokenizer), num_image_tokens=num_image_tokens,
+                                           image_token_id=image_token_id)
+        self.processor = processor
         self.data_path = data_path
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.image_token_id = int(image_token_id)
-        self.num_image_tokens = int(num_image_tokens)
+        self.tokenizer = processor.tokenizer
+        # an explicit image processor wins (stage 1 uses `square` while the model's processor says `pad`)
+        self.image_processor = image_processor if image_processor is not None else processor.image_processor
+        self.image_token_id = processor.image_token_id
+        self.num_image_tokens = processor.num_image_tokens
         self.image_folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(data_path))
         self.template = get_template(template)
         self.model_max_length = int(model_max_length or tokenizer.model_max_length)
@@ -170,13 +177,11 @@ class LazySupervisedDataset(Dataset):
             raise SkipRecord("image_tags", f"id {rid!r}: {tags} {IMAGE_PLACEHOLDER} tags but {len(images)} images")
         has_image = bool(images)
         try:
-            ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template, has_image,
-                                                self.image_token_id)
+            ids, labels = self.processor.encode_conversation(record["conversations"], has_image, self.template)
         except ConversationFormatError as e:
             raise SkipRecord(e.reason, f"id {rid!r}: {e}") from None
         except MaskingError as e:
             raise SkipRecord("masking", f"id {rid!r}: {e}") from None
-        ids, labels = expand_image_tokens(ids, labels, self.image_token_id, self.num_image_tokens)
         ids, labels = self._truncate(ids, labels, rid)
         pixel_values = None
         if has_image:
@@ -188,7 +193,7 @@ class LazySupervisedDataset(Dataset):
                     raise SkipRecord("missing_image", f"id {rid!r}: image {path} does not exist") from None
                 reason = "image_too_large" if "over the limit" in str(e) else "bad_image"
                 raise SkipRecord(reason, f"id {rid!r}: {e}") from None
-            pixel_values = self.image_processor([image])[0]
+            pixel_values = self.image_processor.pixel_values([image])[0]
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                 "pixel_values": pixel_values}
 

@@ -1,5 +1,12 @@
 """PIIP-LLaVA model classes; importing registers them with the transformers Auto classes."""
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .configuration_piip_llava import (
     BranchConfig,
@@ -17,6 +24,7 @@ from .processing_piip_llava import (
     PiipLlavaProcessor,
     expand_image_tokens,
     load_image,
+    save_processor,
 )
 
 AutoConfig.register("piip_vision", PiipVisionConfig, exist_ok=True)
@@ -24,6 +32,8 @@ AutoConfig.register("piip_llava", PiipLlavaConfig, exist_ok=True)
 AutoModel.register(PiipLlavaConfig, PiipLlavaModel, exist_ok=True)
 AutoModelForCausalLM.register(PiipLlavaConfig, PiipLlavaForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(PiipLlavaConfig, PiipLlavaForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(PiipLlavaConfig, slow_image_processor_class=PiipLlavaImageProcessor, exist_ok=True)
+AutoProcessor.register(PiipLlavaConfig, PiipLlavaProcessor, exist_ok=True)
 
 __all__ = [
     "BranchConfig",
@@ -41,4 +51,5 @@ __all__ = [
     "load_image",
     "load_preset",
     "preset_names",
+    "save_processor",
 ]

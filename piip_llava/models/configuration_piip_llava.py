@@ -8,8 +8,10 @@ what to fix.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +23,38 @@ BranchType = Literal["clip", "siglip", "internvit", "convnext"]
 BRANCH_TYPES = ("clip", "siglip", "internvit", "convnext")
 VIT_TYPES = ("clip", "siglip", "internvit")
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
+
+# Self-contained checkpoints (see `piip_llava.models.remote_code`): the code files written next to the weights and
+# the `auto_map` entries that point at them.
+REMOTE_CODE_FILES = (
+    "configuration_piip_llava.py", "modeling_piip_llava.py", "modeling_piip_vision.py", "processing_piip_llava.py",
+    "interaction.py", "deform_attn.py", "conversation.py", "constants.py",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_piip_llava.PiipLlavaConfig",
+    "AutoModel": "modeling_piip_llava.PiipLlavaModel",
+    "AutoModelForCausalLM": "modeling_piip_llava.PiipLlavaForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_piip_llava.PiipLlavaForConditionalGeneration",
+    "AutoProcessor": "processing_piip_llava.PiipLlavaProcessor",
+}
+
+
+def save_remote_code(save_directory: str) -> None:
+    """Write the model/processor code files into a checkpoint folder.
+
+    Inside this package they are generated from its modules; a model loaded as remote code (no package) copies the
+    files it was loaded from, so re-saving keeps the checkpoint self-contained.
+    """
+    try:
+        remote = importlib.import_module("piip_llava.models.remote_code")
+    except ModuleNotFoundError:
+        here = os.path.dirname(os.path.abspath(__file__))
+        os.makedirs(save_directory, exist_ok=True)
+        for name in REMOTE_CODE_FILES:
+            if os.path.abspath(os.path.join(save_directory, name)) != os.path.join(here, name):
+                shutil.copyfile(os.path.join(here, name), os.path.join(save_directory, name))
+    else:
+        remote.write_remote_code(save_directory)
 
 
 @dataclass

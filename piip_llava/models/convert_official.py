@@ -465,6 +465,11 @@ def convert_checkpoint(
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    if any(os.path.isfile(os.path.join(dst, n)) for n in ("tokenizer.json", "tokenizer.model")):
+        from ..data.tokenizer import load_tokenizer
+        from .processing_piip_llava import save_processor
+
+        save_processor(model.config, load_tokenizer(dst), dst)  # adds <image>, the chat template and the code
     return config
 
 

@@ -19,7 +19,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from ..layers.interaction import InteractionUnit
-from .configuration_piip_llava import PiipLlavaConfig
+from .configuration_piip_llava import AUTO_MAP, PiipLlavaConfig, save_remote_code
 from .modeling_piip_vision import PiipVisionTower
 
 # old flat layout -> HF layout (regexes for `from_pretrained(key_mapping=...)`); new keys never match
@@ -111,6 +111,14 @@ class PiipLlavaPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["InteractionBlock", "CLIPEncoderLayer", "SiglipEncoderLayer", "InternVLVisionLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained` + `auto_map` and the code files: the checkpoint loads with
+        transformers alone (`trust_remote_code=True`)."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            save_remote_code(str(save_directory))
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):

@@ -1,9 +1,16 @@
-"""Image loading, image preprocessing as the official PIIP-LLaVA does it (spec 1.13), image-token expansion and the
-`PiipLlavaProcessor` that bundles the image processor with a tokenizer.
+"""Image loading, image preprocessing as the official PIIP-LLaVA does it (spec 1.13), and `PiipLlavaProcessor`: the
+one way text and images become model inputs (training data, chat, evaluation, `AutoProcessor`, vLLM).
 
 Preprocessing: optional pad-to-square with the mean colour (`pad`, instruction tuning and evaluation) or
 shortest-edge resize + centre crop (`square`, pre-training), bicubic resize to the highest branch resolution,
 rescale 1/255, ImageNet mean/std.
+
+Tokenisation is LLaVA's `tokenizer_image_token`: the text is cut at each `<image>`, each chunk is tokenised on its
+own (so the text after an image gets a fresh SentencePiece `▁`), one BOS goes in front, and each image becomes
+`num_image_tokens` copies of the image token. `<image>` is an added special token of the tokenizer whose id is the
+config's `image_token_id`, so engines that tokenise a whole prompt at once (vLLM) find it; the replacement they are
+given (`text_replacement_offsets`) carries the `▁` that the chunk-wise encoding puts after an image, so their token
+ids equal ours.
 """
 from __future__ import annotations
 
@@ -16,8 +23,19 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from transformers import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
-from ..constants import DEFAULT_MAX_IMAGE_PIXELS, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from .configuration_piip_llava import AUTO_MAP, save_remote_code
+from ..constants import DEFAULT_MAX_IMAGE_PIXELS, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGENET_MEAN, IMAGENET_STD
+from ..data.conversation import (
+    ConversationTemplate,
+    chat_template_jinja,
+    get_template,
+    tokenize_conversation,
+    tokenize_prompt,
+)
 
 
 class ImageLoadError(ValueError):
@@ -75,27 +93,40 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     return out
 
 
-class PiipLlavaImageProcessor:
-    """PIL images -> `pixel_values` (N, 3, R, R) float32 at the highest branch resolution R."""
+class PiipLlavaImageProcessor(BaseImageProcessor):
+    """PIL images -> `pixel_values` (N, 3, R, R) float32 at the highest branch resolution R.
+
+    Saved as `preprocessor_config.json`; `size` ({height, width} = R) is what vLLM reads to size its dummy images.
+    """
+
+    model_input_names = ["pixel_values"]
 
     def __init__(
         self,
-        image_size: int,
+        image_size: int = 336,
         aspect_mode: Literal["pad", "square"] = "pad",
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        **kwargs,
     ) -> None:
+        kwargs.pop("size", None)  # derived from image_size
+        super().__init__(**kwargs)
         if aspect_mode not in ("pad", "square"):
             raise ValueError(f"aspect_mode must be 'pad' or 'square', got {aspect_mode!r}")
         self.image_size = int(image_size)
         self.aspect_mode = aspect_mode
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.asarray(std, dtype=np.float32)
-        self.background = tuple(int(m * 255) for m in mean)
+        self.image_mean = [float(m) for m in image_mean]
+        self.image_std = [float(m) for m in image_std]
+        self.size = {"height": self.image_size, "width": self.image_size}
 
     @classmethod
     def from_config(cls, config, aspect_mode: Literal["pad", "square"] | None = None) -> PiipLlavaImageProcessor:
-        return cls(config.vision_config.image_size, aspect_mode or config.image_aspect_ratio, config.image_mean, config.image_std)
+        return cls(config.vision_config.image_size, aspect_mode or config.image_aspect_ratio, config.image_mean,
+                   config.image_std)
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        return tuple(int(m * 255) for m in self.image_mean)
 
     def preprocess_one(self, image: Image.Image) -> np.ndarray:
         image = image if image.mode == "RGB" else load_image(image)
@@ -112,15 +143,34 @@ class PiipLlavaImageProcessor:
         if (new_w, new_h) != (size, size):
             image = image.crop((left, top, left + size, top + size))
         arr = np.asarray(image, dtype=np.float32) / 255.0
-        arr = (arr - self.mean) / self.std
+        arr = (arr - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
         return arr.transpose(2, 0, 1)
 
-    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+    def pixel_values(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        """(N, 3, R, R) float32."""
         if isinstance(images, Image.Image):
             images = [images]
+        images = [_as_pil(im) for im in images]
         if not images:
             return torch.empty(0, 3, self.image_size, self.image_size)
         return torch.from_numpy(np.stack([self.preprocess_one(im) for im in images]))
+
+    def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
+        """The `BaseImageProcessor` entry point: a `BatchFeature` with `pixel_values`."""
+        if not isinstance(images, list | tuple):
+            images = [images]
+        flat = [im for item in images for im in (item if isinstance(item, list | tuple) else [item])]
+        return BatchFeature({"pixel_values": self.pixel_values(flat)}, tensor_type=return_tensors)
+
+
+def _as_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):  # HWC uint8, as vLLM and datasets may pass
+        return Image.fromarray(image)
+    if isinstance(image, torch.Tensor):  # CHW uint8
+        return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    raise TypeError(f"expected a PIL image, a HWC uint8 array or a CHW uint8 tensor, got {type(image).__name__}")
 
 
 def expand_image_tokens(
@@ -141,20 +191,204 @@ def expand_image_tokens(
     return ids, out_labels
 
 
-class PiipLlavaProcessor:
-    """Image processor + tokenizer + image-token bookkeeping for one model config."""
+def add_image_token(tokenizer, image_token: str = IMAGE_PLACEHOLDER) -> int:
+    """Make `image_token` an added special token of `tokenizer` (once); return its id."""
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)
+    return int(tokenizer.convert_tokens_to_ids(image_token))
 
-    def __init__(self, image_processor: PiipLlavaImageProcessor, tokenizer, image_token_id: int, num_image_tokens: int):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.image_token_id = image_token_id
-        self.num_image_tokens = num_image_tokens
+
+class PiipLlavaProcessor(ProcessorMixin):
+    """Image processor + tokenizer + chat template: `processor(images=..., text=...)` -> model inputs.
+
+    The conversation template (`vicuna_v1`, `plain`, `llama3`, `qwen2`, `mistral`) is both a Jinja chat template
+    (`apply_chat_template`, saved as `chat_template.jinja`) and the structured template that training labels come
+    from (`encode_conversation`), so prompts at training and at inference are the same string and the same ids.
+    """
+
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        image_token: str = IMAGE_PLACEHOLDER,
+        num_image_tokens: int = 576,
+        conversation_template: str = "vicuna_v1",
+        image_token_id: int | None = None,
+        **kwargs,
+    ) -> None:
+        template = get_template(conversation_template)
+        if chat_template is None:
+            chat_template = chat_template_jinja(template)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.image_token = image_token
+        self.num_image_tokens = int(num_image_tokens)
+        self.conversation_template = template.name
+        found = add_image_token(tokenizer, image_token)
+        if image_token_id is not None and found != image_token_id:
+            raise ValueError(
+                f"the tokenizer gives {image_token!r} the id {found} but the model's image_token_id is "
+                f"{image_token_id}; build the config with image_token_id={found} (or use the tokenizer the model was "
+                "trained with)")
+        self.image_token_id = found
+        self._image_tail = _image_tail(tokenizer, image_token)
 
     @classmethod
-    def from_config(cls, config, tokenizer, aspect_mode: Literal["pad", "square"] | None = None) -> PiipLlavaProcessor:
-        return cls(
-            PiipLlavaImageProcessor.from_config(config, aspect_mode), tokenizer, config.image_token_id, config.num_image_tokens
-        )
+    def from_config(cls, config, tokenizer, aspect_mode: Literal["pad", "square"] | None = None,
+                    template: str | ConversationTemplate | None = None) -> PiipLlavaProcessor:
+        """The processor of a model config (`image_token_id`, `num_image_tokens`, preprocessing, template)."""
+        name = get_template(template or config.conversation_template).name
+        return cls(PiipLlavaImageProcessor.from_config(config, aspect_mode), tokenizer,
+                   num_image_tokens=config.num_image_tokens, conversation_template=name,
+                   image_token_id=config.image_token_id)
+
+    @property
+    def template(self) -> ConversationTemplate:
+        return get_template(self.conversation_template)
+
+    # ---- HF API ----
+    def __call__(self, images=None, text: str | list[str] | None = None, add_special_tokens: bool = True,
+                 padding: bool | str = False, return_tensors: str | None = None,
+                 return_text_replacement_offsets: bool = False, return_mm_token_type_ids: bool = False,
+                 **kwargs) -> BatchFeature:
+        """`text` (one or a batch) with one `<image>` per image, in order -> `input_ids`, `attention_mask`,
+        `pixel_values` (N, 3, R, R). Padding follows `tokenizer.padding_side`."""
+        data: dict = {}
+        pil = []
+        if images is not None:
+            items = images if isinstance(images, list | tuple) else [images]
+            pil = [im for item in items for im in (item if isinstance(item, list | tuple) else [item])]
+            data["pixel_values"] = self.image_processor.pixel_values(pil)
+        if text is None:
+            return BatchFeature(data, tensor_type=return_tensors)
+        texts = [text] if isinstance(text, str) else list(text)
+        n_slots = sum(t.count(self.image_token) for t in texts)
+        if images is not None and n_slots != len(pil):
+            raise ValueError(f"{n_slots} {self.image_token} placeholder(s) in the text but {len(pil)} image(s)")
+        seqs, offsets = [], []
+        for t in texts:
+            seqs.append(self.encode_text(t, add_special_tokens))
+            offsets.append(self._replacement_offsets(t))
+        data.update(self._pad(seqs, padding, return_tensors))
+        if return_text_replacement_offsets:
+            data["text_replacement_offsets"] = offsets
+        if return_mm_token_type_ids:
+            data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in s] for s in data["input_ids"]]
+        skip = ["text_replacement_offsets"]
+        try:
+            return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=skip)
+        except TypeError:  # transformers < 5.19 has no skip_tensor_conversion
+            return BatchFeature(data, tensor_type=return_tensors)
+
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """LLaVA's `tokenizer_image_token` with each image slot expanded to `num_image_tokens` ids."""
+        tok = self.tokenizer
+        bos = tok.bos_token
+        has_bos = False
+        if bos and text.startswith(bos):  # a template that writes BOS itself
+            text, has_bos = text[len(bos):], True
+        ids: list[int] = []
+        if (has_bos or add_special_tokens) and _adds_bos(tok):
+            ids.append(tok.bos_token_id)
+        for i, chunk in enumerate(text.split(self.image_token)):
+            if i > 0:
+                ids.extend([self.image_token_id] * self.num_image_tokens)
+            if chunk:
+                ids.extend(tok(chunk, add_special_tokens=False)["input_ids"])
+        return ids
+
+    def _replacement_offsets(self, text: str) -> list[dict]:
+        out, shift, pos = [], 0, 0
+        replacement = self.image_token * self.num_image_tokens + self._image_tail
+        while (start := text.find(self.image_token, pos)) >= 0:
+            end = start + len(self.image_token)
+            out.append({"type": "image", "span": (start, end), "new_span": (start + shift, start + shift + len(replacement)),
+                        "text": self.image_token, "replacement": replacement})
+            shift += len(replacement) - len(self.image_token)
+            pos = end
+        return out
+
+    def _pad(self, seqs: list[list[int]], padding, return_tensors) -> dict:
+        if not padding and len({len(s) for s in seqs}) > 1 and return_tensors is not None:
+            raise ValueError("texts of different lengths need padding=True to become one tensor")
+        length = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        left = self.tokenizer.padding_side == "left"
+        ids, mask = [], []
+        for s in seqs:
+            fill = [pad] * (length - len(s)) if padding else []
+            ones, zeros = [1] * len(s), [0] * len(fill)
+            ids.append(fill + s if left else s + fill)
+            mask.append(zeros + ones if left else ones + zeros)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Every image becomes `num_image_tokens` visual tokens (one pixel_values row), whatever its size."""
+        n = len(image_sizes or [])
+        return MultiModalData(num_image_tokens=[self.num_image_tokens] * n, num_image_patches=[1] * n)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained` + `auto_map` entries and the code files (loads with `trust_remote_code`)."""
+        self.auto_map = {"AutoProcessor": AUTO_MAP["AutoProcessor"]}
+        self.image_processor.auto_map = {"AutoImageProcessor": "processing_piip_llava.PiipLlavaImageProcessor",
+                                         "AutoProcessor": AUTO_MAP["AutoProcessor"]}
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        save_remote_code(str(save_directory))
+        return out
+
+    # ---- the structured path used by training, chat and evaluation ----
+    def encode_conversation(self, conversations: Sequence[dict], has_image: bool,
+                            template: str | ConversationTemplate | None = None) -> tuple[list[int], list[int]]:
+        """LLaVA-format turns -> (input_ids, labels), image expanded; labels IGNORE_INDEX except answers."""
+        tpl = get_template(template or self.template)
+        ids, labels = tokenize_conversation(conversations, self.tokenizer, tpl, has_image, self.image_token_id)
+        return expand_image_tokens(ids, labels, self.image_token_id, self.num_image_tokens)
+
+    def encode_messages(self, messages: Sequence[dict], has_image: bool,
+                        template: str | ConversationTemplate | None = None) -> list[int]:
+        """Chat messages (ending with a user turn) -> generation prompt ids, image expanded."""
+        tpl = get_template(template or self.template)
+        ids = tokenize_prompt(messages, self.tokenizer, tpl, has_image, self.image_token_id)
+        return expand_image_tokens(ids, None, self.image_token_id, self.num_image_tokens)[0]
 
     def expand(self, input_ids: Sequence[int], labels: Sequence[int] | None = None):
         return expand_image_tokens(input_ids, labels, self.image_token_id, self.num_image_tokens)
+
+
+def save_processor(config, tokenizer, out_dir: str) -> PiipLlavaProcessor:
+    """Write the model's processor (tokenizer with `<image>`, image processor, chat template, code) to `out_dir`.
+
+    Works on a copy: the caller's tokenizer is left as it was."""
+    import copy
+
+    processor = PiipLlavaProcessor.from_config(config, copy.deepcopy(tokenizer))
+    processor.save_pretrained(out_dir)
+    return processor
+
+
+def _adds_bos(tokenizer) -> bool:
+    """True when the tokenizer puts BOS in front on encode (Llama, Llama-3); False for Qwen2."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _image_tail(tokenizer, image_token: str) -> str:
+    """Text that, tokenised right after the image token, gives what chunk-wise tokenisation puts at the start of the
+    next chunk: " " for SentencePiece tokenizers that add a dummy `▁` to each chunk, "" for byte-level BPE."""
+    chunk = tokenizer("\nx", add_special_tokens=False)["input_ids"]
+    joint = tokenizer(image_token + "\nx", add_special_tokens=False)["input_ids"][1:]
+    if chunk == joint:
+        return ""
+    space = tokenizer(" ", add_special_tokens=False)["input_ids"]
+    if chunk == space + joint:
+        return " "
+    warnings.warn("this tokenizer encodes the text after an image differently in one pass than chunk-wise; engines "
+                  "that tokenise whole prompts (vLLM) will see slightly different ids than training did", stacklevel=3)
+    return ""

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from ..constants import DEFAULT_MAX_IMAGE_PIXELS
-from ..data.conversation import ConversationTemplate, get_template, tokenize_prompt
+from ..data.conversation import ConversationTemplate, get_template
 from ..data.tokenizer import load_tokenizer
-from ..models import PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor, expand_image_tokens, load_image
+from ..models import PiipLlavaForConditionalGeneration, PiipLlavaProcessor, load_image
 
 
 class PromptTooLongError(ValueError):
@@ -61,7 +61,9 @@ class InferenceEngine:
         self.tokenizer = tokenizer
         self.config = model.config
         self.template = get_template(template or self.config.conversation_template)
-        self.image_processor = PiipLlavaImageProcessor.from_config(self.config)
+        # the one path from messages + image to model inputs (as in training and `AutoProcessor`)
+        self.processor = PiipLlavaProcessor.from_config(self.config, tokenizer, template=self.template)
+        self.image_processor = self.processor.image_processor
         self.max_image_pixels = max_image_pixels
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(self.config.text_config, "max_position_embeddings", 2048))
@@ -118,10 +120,7 @@ class InferenceEngine:
         return load_image(source, self.max_image_pixels)
 
     def prompt_ids(self, request: ChatRequest) -> list[int]:
-        ids = tokenize_prompt(request.messages, self.tokenizer, self.template, request.image is not None,
-                              self.config.image_token_id)
-        ids, _ = expand_image_tokens(ids, None, self.config.image_token_id, self.config.num_image_tokens)
-        return ids
+        return self.processor.encode_messages(request.messages, request.image is not None, self.template)
 
     def fit_messages(self, request: ChatRequest, max_new_tokens: int) -> tuple[ChatRequest, bool]:
         """Drop the oldest user/assistant rounds until the prompt fits the context; return (request, truncated).
@@ -158,7 +157,7 @@ class InferenceEngine:
         images = [r.image for r in requests if r.image is not None]
         if images:
             dtype = next(self.model.parameters()).dtype
-            batch["pixel_values"] = self.image_processor(images).to(self.device, dtype)
+            batch["pixel_values"] = self.image_processor.pixel_values(images).to(self.device, dtype)
         return batch
 
     def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float,

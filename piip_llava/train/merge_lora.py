@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..data.tokenizer import load_tokenizer
-from ..models import PiipLlavaForConditionalGeneration
+from ..models import PiipLlavaForConditionalGeneration, save_processor
 
 
 def adapter_base(adapter_dir: str, base: str | None = None) -> str:
@@ -49,7 +49,7 @@ def merge_lora(adapter_dir: str, out_dir: str, base: str | None = None,
         raise RuntimeError(f"merge left adapter parameters behind: {leftover[:5]}")
     merged.save_pretrained(out_dir)
     tok_dir = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else adapter_base(adapter_dir, base)
-    load_tokenizer(tok_dir).save_pretrained(out_dir)
+    save_processor(merged.config, load_tokenizer(tok_dir), out_dir)
     return merged
 
 

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, load_preset
+from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, load_preset, save_processor
 from ..models.builder import build_model
 from .arguments import ModelArguments, PiipTrainingArguments
 
@@ -178,7 +178,7 @@ def apply_lora(model: PiipLlavaForConditionalGeneration, model_args: ModelArgume
     with args.main_process_first(desc="save the LoRA base checkpoint"):
         if args.should_save and not os.path.isfile(os.path.join(base_dir, "config.json")):
             model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
+            save_processor(model.config, tokenizer, base_dir)
             logger.info("saved the LoRA base checkpoint to %s", base_dir)
     kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": pick_attn_implementation()}
     if args.qlora:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from ..data.tokenizer import load_tokenizer
-from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor
+from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor, PiipLlavaProcessor
 from .arguments import DataArguments, ModelArguments, PiipTrainingArguments, parse_args
 from .model_setup import (apply_lora, build_training_model, check_tokenizer_fits, full_model_init,
                           save_stage1_weights, unwrap_piip)
@@ -41,11 +41,14 @@ def resolve_template_and_aspect(data_args: DataArguments, args: PiipTrainingArgu
     return template, aspect
 
 
-def build_data(data_args: DataArguments, args: PiipTrainingArguments, config: PiipLlavaConfig, tokenizer):
+def build_data(data_args: DataArguments, args: PiipTrainingArguments, config: PiipLlavaConfig,
+               processor: PiipLlavaProcessor):
+    """The dataset tokenises through the model's processor, with the stage's template and image mode."""
     template, aspect = resolve_template_and_aspect(data_args, args, config)
+    tokenizer = processor.tokenizer
     dataset = LazySupervisedDataset(
-        data_args.data_path, tokenizer, PiipLlavaImageProcessor.from_config(config, aspect), config.image_token_id,
-        config.num_image_tokens, image_folder=data_args.image_folder, template=template,
+        data_args.data_path, processor, PiipLlavaImageProcessor.from_config(config, aspect),
+        image_folder=data_args.image_folder, template=template,
         model_max_length=data_args.model_max_length, max_image_pixels=data_args.max_image_pixels,
         progress=args.should_log)
     collator = DataCollatorForSupervisedDataset(tokenizer.pad_token_id, data_args.model_max_length, report_skipped=True)
@@ -116,15 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("world size %d (%s), stage %d, tune %s", args.world_size, args.parallel_mode.value, args.stage, args.tune)
     tokenizer = load_tokenizer(model_args.tokenizer_path, model_max_length=data_args.model_max_length)
     model = prepare_model(model_args, data_args, args, tokenizer)
-    dataset, collator = build_data(data_args, args, unwrap_piip(model).config, tokenizer)
+    # the processor (tokenizer + `<image>` + image processor + chat template + code) is saved with every checkpoint
+    processor = PiipLlavaProcessor.from_config(unwrap_piip(model).config, tokenizer)
+    dataset, collator = build_data(data_args, args, unwrap_piip(model).config, processor)
     trainer = PiipTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
+        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
         group_by_modality_length=data_args.group_by_modality_length,
         module_lrs={"branches": args.vision_lr, "interactions": args.interaction_lr, "projector": args.projector_lr},
         callbacks=[ProgressLogCallback()],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(args))
-    out = save_final(trainer, args, tokenizer)
+    out = save_final(trainer, args, processor)
     if args.should_log:
         print(f"final checkpoint: {out}", flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

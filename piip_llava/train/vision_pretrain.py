@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from piip_llava.models.processing_piip_llava import ImageLoadError, PiipLlavaImageProcessor, load_image
+from piip_llava.models.processing_piip_llava import ImageLoadError, PiipLlavaImageProcessor, load_image, save_processor
 
 METRICS_FILE = "vision_pretrain_metrics.json"
 
@@ -124,7 +124,7 @@ class LabelledImageDataset(Dataset):
         except ImageLoadError as e:
             raise ImageLoadError(f"record {i}: {e}") from e
         target = torch.tensor([self.index[k][str(rec["labels"][k])] for k in self.fields])
-        return self.processor([image])[0], target
+        return self.processor.pixel_values([image])[0], target
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
     if tokenizer is not None:
-        tokenizer.save_pretrained(args.output_dir)
+        save_processor(model.config, tokenizer, args.output_dir)
     metrics = {
         "args": asdict(args), "classes": classes, "num_train": len(train_records), "num_eval": len(eval_records),
         "seconds": round(time.perf_counter() - start, 1), "history": history,
