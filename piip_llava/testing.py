@@ -6,7 +6,7 @@ import os
 import torch
 
 from .data.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
-from .models import PiipLlavaForConditionalGeneration, load_preset, save_processor
+from .models import PiipLlavaForConditionalGeneration, align_image_token_id, load_preset, save_processor
 
 
 def build_tiny_checkpoint(out_dir: str, preset: str = "tiny-piip2_clip_64-128", seed: int = 0,
@@ -22,6 +22,7 @@ def build_tiny_checkpoint(out_dir: str, preset: str = "tiny-piip2_clip_64-128", 
     config = load_preset(preset)
     if len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the preset's vocab {config.text_config.vocab_size}")
+    align_image_token_id(config, tokenizer)
     torch.manual_seed(seed)
     model = PiipLlavaForConditionalGeneration(config)
     if gate_scale > 0:

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s (multi-process training, full CLIs)")
     config.addinivalue_line("markers", "gpu: needs CUDA")
+    config.addinivalue_line("markers", "vllm: needs the vLLM environment of scripts/serve_vllm.sh (.venv-vllm)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -322,13 +322,15 @@ def tokenize_prompt(messages: Sequence[dict], tokenizer, template: str | Convers
 
 
 # --------------------------------------------------------------------------------------------------- Jinja
-def chat_template_jinja(template: str | ConversationTemplate) -> str:
-    """The template as a Jinja chat template: `apply_chat_template(messages)` renders exactly `build_prompt_text`.
+def chat_template_jinja(template: str | ConversationTemplate, prefix: str = "") -> str:
+    """The template as a Jinja chat template: `apply_chat_template(messages)` renders `prefix + build_prompt_text`.
 
     Messages may hold a string (a LLaVA-style `<image>` tag in it marks the image and is removed, as in training
     data) or a list of parts (`{"type": "image"}` / `{"type": "image_url"}` and `{"type": "text", "text": ...}`).
     As in training, the image slot goes at the front of the first user message, whatever its position there.
-    No BOS is written: the processor (and vLLM, which adds special tokens for multimodal models) adds it.
+    `prefix` is written first: the processor passes the tokenizer's BOS (and, for SentencePiece tokenizers, the
+    space that makes a one-pass tokenisation put `▁` on the first word as LLaVA's encoding does), because vLLM
+    encodes chat prompts without adding special tokens.
     """
     import json
 
@@ -342,7 +344,8 @@ def chat_template_jinja(template: str | ConversationTemplate) -> str:
     a_head, a_tail = _split(tpl.answer_format, "content")
     return (
         "{#- piip_llava conversation template " + tpl.name + " (generated from ConversationTemplate) -#}\n"
-        "{%- set image_token = " + lit(IMAGE_PLACEHOLDER) + " -%}\n"
+        + ("{{ " + lit(prefix) + " }}" if prefix else "")
+        + "{%- set image_token = " + lit(IMAGE_PLACEHOLDER) + " -%}\n"
         "{%- macro text_of(content) -%}"
         "{%- if content is string -%}"
         "{%- if image_token in content -%}{{ content | replace(image_token, '') | trim }}{%- else -%}{{ content }}{%- endif -%}"

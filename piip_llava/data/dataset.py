@@ -30,7 +30,12 @@ from piip_llava.data.conversation import (
     get_template,
 )
 from piip_llava.data.mixture import iter_records, read_record, record_images
-from piip_llava.models.processing_piip_llava import ImageLoadError, PiipLlavaProcessor, load_image
+from piip_llava.models.processing_piip_llava import (
+    ImageLoadError,
+    PiipLlavaImageProcessor,
+    PiipLlavaProcessor,
+    load_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +79,16 @@ class LazySupervisedDataset(Dataset):
         if isinstance(tokenizer, PiipLlavaProcessor):
             processor = tokenizer
         else:  # (tokenizer, image processor, ids): a processor over a copy, the caller's tokenizer stays as it is
-            processor = PiipLlavaProcessor(image_processor, copy.deepcopy(tokenizer), num_image_tokens=num_image_tokens,
+            images = image_processor if isinstance(image_processor, PiipLlavaImageProcessor) else PiipLlavaImageProcessor()
+            processor = PiipLlavaProcessor(images, copy.deepcopy(tokenizer), num_image_tokens=num_image_tokens,
                                            image_token_id=image_token_id)
         self.processor = processor
         self.data_path = data_path
         self.tokenizer = processor.tokenizer
-        # an explicit image processor wins (stage 1 uses `square` while the model's processor says `pad`)
+        # an explicit image processor wins (stage 1 uses `square` while the model's processor says `pad`); any callable
+        # list[PIL.Image] -> (N, 3, R, R) tensor works
         self.image_processor = image_processor if image_processor is not None else processor.image_processor
+        self._pixel_values = getattr(self.image_processor, "pixel_values", self.image_processor)
         self.image_token_id = processor.image_token_id
         self.num_image_tokens = processor.num_image_tokens
         self.image_folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(data_path))
@@ -193,7 +201,7 @@ class LazySupervisedDataset(Dataset):
                     raise SkipRecord("missing_image", f"id {rid!r}: image {path} does not exist") from None
                 reason = "image_too_large" if "over the limit" in str(e) else "bad_image"
                 raise SkipRecord(reason, f"id {rid!r}: {e}") from None
-            pixel_values = self.image_processor.pixel_values([image])[0]
+            pixel_values = self._pixel_values([image])[0]
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                 "pixel_values": pixel_values}
 

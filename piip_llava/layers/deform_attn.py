@@ -1,5 +1,8 @@
 """Single-level multi-scale deformable attention (Deformable-DETR), pure PyTorch (`grid_sample`).
 
+Token tensors handed to linear layers are row-major (`.contiguous()` after transposes): vLLM replaces `nn.Linear`
+with kernels that require it when it serves a checkpoint through its Transformers backend.
+
 No compiled extension: the sampling is one `grid_sample` over all heads and points, in fp32 as the official CUDA
 kernel computes it. Parameter names match the official checkpoints (`sampling_offsets`, `attention_weights`,
 `value_proj`, `output_proj`).
@@ -38,7 +41,7 @@ def deformable_sample(
     sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M, Dh, Nq, K)
     w = weights.permute(0, 2, 1, 3).reshape(b * m, 1, nq, k)
     out = (sampled * w).sum(-1)  # (B*M, Dh, Nq)
-    return out.view(b, m * dh, nq).transpose(1, 2)
+    return out.view(b, m * dh, nq).transpose(1, 2).contiguous()  # row-major for the projection (vLLM kernels need it)
 
 
 class DeformableAttention(nn.Module):

@@ -70,7 +70,7 @@ class DWConv(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, n, c = x.shape
         x = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
-        return self.dwconv(x).flatten(2).transpose(1, 2)
+        return self.dwconv(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class ConvFFN(nn.Module):

@@ -469,7 +469,11 @@ def convert_checkpoint(
         from ..data.tokenizer import load_tokenizer
         from .processing_piip_llava import save_processor
 
-        save_processor(model.config, load_tokenizer(dst), dst)  # adds <image>, the chat template and the code
+        try:
+            save_processor(model.config, load_tokenizer(dst), dst)  # adds <image>, the chat template and the code
+        except (OSError, ValueError) as e:
+            print(f"warning: the tokenizer copied from {src} does not load ({e}); the processor files "
+                  "(processor_config.json, chat_template.jinja) were not written", file=sys.stderr)
     return config
 
 

@@ -53,7 +53,7 @@ class BranchMLP(nn.Module):
         """x: (B, N, d_j) -> (B, N, D)."""
         x = self.linear_1(x)
         if isinstance(self.norm, nn.GroupNorm):
-            x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+            x = self.norm(x.transpose(1, 2)).transpose(1, 2).contiguous()
         else:
             x = self.norm(x)
         return self.linear_2(self.act(x))
@@ -73,7 +73,7 @@ class PiipProjector(nn.Module):
         for mlp, fmap in zip(self.branches, maps):
             if fmap.shape[-2:] != size:
                 fmap = F.interpolate(fmap.float(), size=size, mode="bilinear", align_corners=False).to(fmap.dtype)
-            y = mlp(fmap.flatten(2).transpose(1, 2))
+            y = mlp(fmap.flatten(2).transpose(1, 2).contiguous())
             out = y if out is None else out + y
         return out
 
@@ -88,7 +88,7 @@ class MlpProjector(nn.Module):
         self.linear_2 = nn.Linear(out_dim, out_dim)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(maps[0].flatten(2).transpose(1, 2))))
+        return self.linear_2(self.act(self.linear_1(maps[0].flatten(2).transpose(1, 2).contiguous())))
 
 
 def build_projector(config: PiipLlavaConfig, in_dims: list[int]) -> nn.Module:

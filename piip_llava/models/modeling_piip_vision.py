@@ -83,7 +83,7 @@ class ViTBranch(nn.Module):
     def embed(self, pixel_values: torch.Tensor) -> BranchState:
         x = self._patch_conv()(pixel_values)  # (B, C, H, W)
         b, c, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)
+        x = x.flatten(2).transpose(1, 2).contiguous()
         table = self._pos_table()
         cls = None
         if table is not None:
@@ -147,7 +147,7 @@ class ConvNeXtBranch(nn.Module):
     def embed(self, pixel_values: torch.Tensor) -> BranchState:
         x = self.model.stem(pixel_values)
         b, c, h, w = x.shape
-        return BranchState(x.flatten(2).transpose(1, 2), None, (h, w))
+        return BranchState(x.flatten(2).transpose(1, 2).contiguous(), None, (h, w))
 
     def run_blocks(self, state: BranchState, start: int, end: int) -> BranchState:
         b, n, c = state.tokens.shape
@@ -157,7 +157,7 @@ class ConvNeXtBranch(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return BranchState(x.flatten(2).transpose(1, 2), None, (x.shape[-2], x.shape[-1]))
+        return BranchState(x.flatten(2).transpose(1, 2).contiguous(), None, (x.shape[-2], x.shape[-1]))
 
     def to_map(self, state: BranchState) -> torch.Tensor:
         b, n, c = state.tokens.shape

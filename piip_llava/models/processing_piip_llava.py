@@ -191,6 +191,15 @@ def expand_image_tokens(
     return ids, out_labels
 
 
+def align_image_token_id(config, tokenizer, image_token: str = IMAGE_PLACEHOLDER) -> int:
+    """Set `config.image_token_id` to the id `image_token` has (or will get when the processor adds it) in
+    `tokenizer`; returns it. With a tokenizer as large as the LLM vocabulary that is `vocab_size` (outside the
+    embedding table, the default); with a smaller one (Qwen2 pads its vocabulary) it is the next free id."""
+    vocab = tokenizer.get_vocab()
+    config.image_token_id = int(vocab[image_token]) if image_token in vocab else len(tokenizer)
+    return config.image_token_id
+
+
 def add_image_token(tokenizer, image_token: str = IMAGE_PLACEHOLDER) -> int:
     """Make `image_token` an added special token of `tokenizer` (once); return its id."""
     if image_token not in tokenizer.get_vocab():
@@ -219,20 +228,20 @@ class PiipLlavaProcessor(ProcessorMixin):
         **kwargs,
     ) -> None:
         template = get_template(conversation_template)
+        found = add_image_token(tokenizer, image_token)
         if chat_template is None:
-            chat_template = chat_template_jinja(template)
+            chat_template = chat_template_jinja(template, prompt_prefix(tokenizer))
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_token = image_token
         self.num_image_tokens = int(num_image_tokens)
         self.conversation_template = template.name
-        found = add_image_token(tokenizer, image_token)
         if image_token_id is not None and found != image_token_id:
             raise ValueError(
                 f"the tokenizer gives {image_token!r} the id {found} but the model's image_token_id is "
                 f"{image_token_id}; build the config with image_token_id={found} (or use the tokenizer the model was "
                 "trained with)")
         self.image_token_id = found
-        self._image_tail = _image_tail(tokenizer, image_token)
+        self._image_tail = _tail_after_special(tokenizer, image_token)
 
     @classmethod
     def from_config(cls, config, tokenizer, aspect_mode: Literal["pad", "square"] | None = None,
@@ -284,10 +293,10 @@ class PiipLlavaProcessor(ProcessorMixin):
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """LLaVA's `tokenizer_image_token` with each image slot expanded to `num_image_tokens` ids."""
         tok = self.tokenizer
-        bos = tok.bos_token
         has_bos = False
-        if bos and text.startswith(bos):  # a template that writes BOS itself
-            text, has_bos = text[len(bos):], True
+        prefix = prompt_prefix(tok)
+        if prefix and text.startswith(prefix):  # the chat template writes BOS (+ a space) itself
+            text, has_bos = text[len(prefix):], True
         ids: list[int] = []
         if (has_bos or add_special_tokens) and _adds_bos(tok):
             ids.append(tok.bos_token_id)
@@ -379,16 +388,24 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def _image_tail(tokenizer, image_token: str) -> str:
-    """Text that, tokenised right after the image token, gives what chunk-wise tokenisation puts at the start of the
-    next chunk: " " for SentencePiece tokenizers that add a dummy `▁` to each chunk, "" for byte-level BPE."""
-    chunk = tokenizer("\nx", add_special_tokens=False)["input_ids"]
-    joint = tokenizer(image_token + "\nx", add_special_tokens=False)["input_ids"][1:]
+def prompt_prefix(tokenizer) -> str:
+    """What the chat template writes before the conversation: BOS (for tokenizers that add one) followed by the text
+    that makes a one-pass encoding start the first chunk as a fresh encoding does; "" for Qwen2."""
+    if not _adds_bos(tokenizer):
+        return ""
+    return tokenizer.bos_token + _tail_after_special(tokenizer, tokenizer.bos_token, probe="A chat")
+
+
+def _tail_after_special(tokenizer, special: str, probe: str = "\nx") -> str:
+    """Text that, tokenised right after `special` in one pass, gives what chunk-wise tokenisation puts at the start
+    of the next chunk: " " for SentencePiece tokenizers that add a dummy `▁` to each chunk (and none after special
+    tokens), "" for byte-level BPE."""
+    chunk = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(special + probe, add_special_tokens=False)["input_ids"][1:]
     if chunk == joint:
         return ""
-    space = tokenizer(" ", add_special_tokens=False)["input_ids"]
-    if chunk == space + joint:
+    if tokenizer(special + " " + probe, add_special_tokens=False)["input_ids"][1:] == chunk:
         return " "
-    warnings.warn("this tokenizer encodes the text after an image differently in one pass than chunk-wise; engines "
+    warnings.warn(f"this tokenizer encodes the text after {special} differently in one pass than chunk-wise; engines "
                   "that tokenise whole prompts (vLLM) will see slightly different ids than training did", stacklevel=3)
     return ""

@@ -25,6 +25,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image, ImageDraw
 
+from ..data.conversation import ConversationFormatError
 from ..models.processing_piip_llava import ImageLoadError
 from .inference import ChatRequest, InferenceEngine, PromptTooLongError
 
@@ -158,6 +159,8 @@ class DemoHandlers:
         except PromptTooLongError as e:
             raise BadInput("Message too long", f"This message is too long for the model: {e}. Shorten it or lower "
                            "max new tokens.") from e
+        except ConversationFormatError as e:  # e.g. a typed <image>: the placeholder of the image slot
+            raise BadInput("Unsupported text", f"{e}; attach the image with the image box instead") from e
 
     def regenerate(self, image: Any, history: History | None, temperature: float, top_p: float,
                    max_new_tokens: float) -> Iterator[Outputs]:

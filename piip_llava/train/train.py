@@ -18,7 +18,8 @@ from torch import nn
 
 from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from ..data.tokenizer import load_tokenizer
-from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor, PiipLlavaProcessor
+from ..models import (PiipLlavaConfig, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor, PiipLlavaProcessor,
+                      align_image_token_id)
 from .arguments import DataArguments, ModelArguments, PiipTrainingArguments, parse_args
 from .model_setup import (apply_lora, build_training_model, check_tokenizer_fits, full_model_init,
                           save_stage1_weights, unwrap_piip)
@@ -105,6 +106,7 @@ def prepare_model(model_args: ModelArguments, data_args: DataArguments, args: Pi
         model = build_training_model(model_args, args)
         config = model.config
         check_tokenizer_fits(len(tokenizer), config, model_args.tokenizer_path)
+        align_image_token_id(config, tokenizer)
         if args.stage == 2:  # inference reads the template and the aspect mode the model was tuned with
             config.conversation_template, config.image_aspect_ratio = resolve_template_and_aspect(data_args, args, config)
         if args.tune == "lora":

@@ -194,6 +194,10 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
 
         tokenizer = load_tokenizer(args.tokenizer_path)
     model = build_stage0_model(args, len(tokenizer) if tokenizer is not None else None)
+    if tokenizer is not None:
+        from piip_llava.models import align_image_token_id
+
+        align_image_token_id(model.config, tokenizer)
     records, classes = load_label_records(args.data_path)
     num_eval = min(256, len(records) // 10) if args.num_eval is None else args.num_eval
     if num_eval >= len(records):

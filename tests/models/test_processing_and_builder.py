@@ -49,7 +49,8 @@ def test_load_image_errors(tmp_path):
 def test_pad_mode_uses_mean_colour_and_normalises():
     proc = PiipLlavaImageProcessor(8, "pad")
     img = Image.new("RGB", (8, 4), (255, 255, 255))  # wide: padded top and bottom with the mean colour
-    px = proc([img])
+    px = proc.pixel_values([img])
+    torch.testing.assert_close(proc([img], return_tensors="pt")["pixel_values"], px)  # the BaseImageProcessor API
     assert px.shape == (1, 3, 8, 8)
     mean = np.array(IMAGENET_MEAN)
     std = np.array(IMAGENET_STD)
@@ -64,7 +65,7 @@ def test_square_mode_resizes_short_side_and_centre_crops():
     proc = PiipLlavaImageProcessor(4, "square")
     arr = np.zeros((4, 12, 3), dtype=np.uint8)
     arr[:, :4] = 255  # left third white: cropped away by the centre crop
-    px = proc([Image.fromarray(arr)])
+    px = proc.pixel_values([Image.fromarray(arr)])
     assert px.shape == (1, 3, 4, 4)
     black = (0.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(px[0, :, 2, 2].numpy(), black, atol=1e-5)

@@ -10,6 +10,7 @@ from transformers import AutoProcessor
 
 from piip_llava.data.conversation import build_prompt_text, chat_template_jinja, tokenize_prompt
 from piip_llava.models import PiipLlavaForConditionalGeneration, PiipLlavaProcessor, load_preset
+from piip_llava.models.processing_piip_llava import prompt_prefix
 from piip_llava.models.remote_code import BUNDLE, bundle_source
 from piip_llava.testing import build_tiny_checkpoint
 
@@ -43,10 +44,13 @@ def _with_image_parts(messages):
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_chat_template_renders_the_training_prompt(processor, name):
-    jinja = chat_template_jinja(name)
+    """`apply_chat_template` = BOS (+ the space a one-pass SentencePiece encoding needs) + the training prompt."""
+    prefix = prompt_prefix(processor.tokenizer)
+    assert prefix == "<s> "
+    jinja = chat_template_jinja(name, prefix)
     for messages in CONVERSATIONS:
         for has_image in (False, True):
-            expected = build_prompt_text(messages, name, has_image)
+            expected = prefix + build_prompt_text(messages, name, has_image)
             hf = _with_image_parts(messages) if has_image else messages
             got = processor.apply_chat_template(hf, tokenize=False, add_generation_prompt=True, chat_template=jinja)
             assert got == expected, (name, has_image)
@@ -65,6 +69,10 @@ def test_processor_ids_equal_training_tokenisation(processor, name):
         out = processor(images=[image], text=text)
         ref = processor.encode_messages(messages, True, name)
         assert out["input_ids"][0] == ref
+        # the chat template's own output (with its BOS prefix) gives the same ids, BOS once
+        rendered = processor.apply_chat_template(_with_image_parts(messages), tokenize=False,
+                                                 chat_template=chat_template_jinja(name, prompt_prefix(processor.tokenizer)))
+        assert processor(images=[image], text=rendered)["input_ids"][0] == ref
         assert ref.count(processor.image_token_id) == processor.num_image_tokens == 64
         # the same ids as the structured path before expansion, expanded
         raw = tokenize_prompt(messages, processor.tokenizer, name, True, processor.image_token_id)
@@ -73,14 +81,15 @@ def test_processor_ids_equal_training_tokenisation(processor, name):
 
 
 def test_one_pass_tokenisation_with_replacement_equals_llava(processor):
-    """What vLLM does: tokenise the rendered prompt in one pass, then replace `<image>` by the replacement's ids."""
+    """What vLLM does with a chat request: render the chat template, tokenise it in one pass without adding special
+    tokens, then replace `<image>` by the ids of the replacement the processor reports."""
     tok = processor.tokenizer
     for messages in CONVERSATIONS:
-        text = build_prompt_text(messages, "vicuna_v1", True)
+        text = processor.apply_chat_template(_with_image_parts(messages), tokenize=False)
         out = processor(images=[Image.new("RGB", (8, 8))], text=text, return_text_replacement_offsets=True)
         (entry,) = out["text_replacement_offsets"][0]
         assert entry["type"] == "image" and text[slice(*entry["span"])] == "<image>"
-        one_pass = tok(text)["input_ids"]
+        one_pass = tok(text, add_special_tokens=False)["input_ids"]
         assert one_pass.count(processor.image_token_id) == 1
         rep = tok(entry["replacement"], add_special_tokens=False)["input_ids"]
         i = one_pass.index(processor.image_token_id)
@@ -172,7 +181,7 @@ def test_checkpoint_runs_with_transformers_alone(tmp_path, tokenizer_dir, preset
     remote = torch.load(tmp_path / "out.pt", weights_only=True)
     engine = InferenceEngine.load(ck, device="cpu", dtype="float32")
     request = ChatRequest([{"role": "user", "content": "What is it?"}], Image.new("RGB", (40, 60), (0, 200, 0)))
-    assert remote["text"] == build_prompt_text(request.messages, "vicuna_v1", True)
+    assert remote["text"] == "<s> " + build_prompt_text(request.messages, "vicuna_v1", True)
     batch = engine.prepare([request])
     assert torch.equal(remote["input_ids"], batch["input_ids"])
     with torch.no_grad():

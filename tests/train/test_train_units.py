@@ -110,7 +110,8 @@ def test_stage1_weights_round_trip(model, tmp_path):
     fresh = PiipLlavaForConditionalGeneration(model.config)
     loaded = load_pretrained_projector(fresh, str(tmp_path))
     src, dst = model.state_dict(), fresh.state_dict()
-    assert loaded and all(torch.equal(src[k], dst[k]) for k in loaded)
-    assert {k for k in src if k.startswith(("multi_modal_projector.", "vision_tower.interactions."))} == set(loaded)
+    assert loaded and all(torch.equal(src["model." + k], dst["model." + k]) for k in loaded)
+    assert {k[len("model."):] for k in src
+            if k.startswith(("model.multi_modal_projector.", "model.vision_tower.interactions."))} == set(loaded)
     with pytest.raises(ValueError, match="no mm_projector"):
         load_pretrained_projector(fresh, str(tmp_path / "missing"))

@@ -1,0 +1,172 @@
+"""Serving throughput: N concurrent clients against our API and against vLLM, on the same checkpoint.
+
+    python benchmarks/serve_throughput.py                          # mini preset, built in a temp dir, both servers
+    python benchmarks/serve_throughput.py --model CKPT --servers ours --clients 1 4 16 64 --max-tokens 64
+
+Each server is started as its own process (`python -m piip_llava.serve.api`, `bash scripts/serve_vllm.sh`) on a
+loopback port. For each concurrency C, C clients each send `--requests` streamed chat requests (one image + a
+question, greedy, `--max-tokens` new tokens, EOS ignored by vLLM and stop strings off for ours where the API allows)
+one after the other; the figures are over all requests of that run:
+- tokens/s: completion tokens (from the server's `usage`) of all requests / wall time of the run,
+- p50 / p95 latency: request start to the last streamed byte,
+- TTFT p50: request start to the first content delta.
+Prints a Markdown table. Loopback only; every run is bounded by `--timeout`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _image_url(seed: int) -> str:
+    img = Image.new("RGB", (96, 64), ((seed * 53) % 256, (seed * 97) % 256, (seed * 31) % 256))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(kind: str, ckpt: str, threads: int, log_dir: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+    if kind == "ours":
+        cmd = [sys.executable, "-m", "piip_llava.serve.api", "--model", ckpt, "--port", str(port),
+               "--model-name", "bench", "--dtype", "fp32", "--device", "cpu"]
+    else:
+        cmd = ["bash", os.path.join(ROOT, "scripts", "serve_vllm.sh"), ckpt, "--port", str(port),
+               "--served-model-name", "bench", "--max-num-seqs", "64"]
+    log = open(os.path.join(log_dir, f"{kind}.log"), "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} server exited ({proc.returncode}); see {log.name}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{kind} server did not start in 600 s; see {log.name}")
+        time.sleep(1)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def one_request(client: httpx.AsyncClient, base: str, kind: str, seed: int, max_tokens: int) -> dict:
+    body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url(seed)}},
+                                                      {"type": "text", "text": "Describe the picture in detail."}]}]}
+    if kind == "vllm":
+        body["ignore_eos"] = True  # same number of tokens for every request
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{kind}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return {"latency": end - t0, "ttft": (first or end) - t0, "tokens": tokens}
+
+
+async def run_level(base: str, kind: str, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        async def worker(c: int) -> list[dict]:
+            return [await one_request(client, base, kind, c * 1000 + i, max_tokens) for i in range(requests)]
+
+        t0 = time.perf_counter()
+        results = await asyncio.wait_for(asyncio.gather(*(worker(c) for c in range(clients))), timeout)
+        wall = time.perf_counter() - t0
+    flat = [r for rs in results for r in rs]
+    lat = sorted(r["latency"] for r in flat)
+    return {"clients": clients, "requests": len(flat), "tokens": sum(r["tokens"] for r in flat),
+            "tokens_per_s": sum(r["tokens"] for r in flat) / wall, "p50_s": statistics.median(lat),
+            "p95_s": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
+            "ttft_p50_s": statistics.median(r["ttft"] for r in flat), "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint (default: the mini preset, random weights)")
+    parser.add_argument("--servers", nargs="+", default=["ours", "vllm"], choices=["ours", "vllm"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="OMP threads of each server")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per concurrency level")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.model
+        if ckpt is None:
+            from piip_llava.data.tokenizer import train_sentencepiece_tokenizer
+            from piip_llava.testing import build_tiny_checkpoint
+
+            tok = train_sentencepiece_tokenizer(os.path.join(tmp, "tok"), vocab_size=512)
+            ckpt = build_tiny_checkpoint(os.path.join(tmp, "ckpt"), preset="mini-piip2_clip-ls_64-128",
+                                         tokenizer_dir=tok, gate_scale=0.5)
+        rows = []
+        for kind in args.servers:
+            proc, base = start_server(kind, ckpt, args.threads, tmp)
+            try:
+                asyncio.run(run_level(base, kind, 1, 1, args.max_tokens, args.timeout))  # warm-up
+                for c in args.clients:
+                    row = asyncio.run(run_level(base, kind, c, args.requests, args.max_tokens, args.timeout))
+                    row["server"] = kind
+                    rows.append(row)
+                    print(f"{kind:5s} {c:3d} clients: {row['tokens_per_s']:8.1f} tok/s  p50 {row['p50_s']:.2f} s  "
+                          f"p95 {row['p95_s']:.2f} s  TTFT p50 {row['ttft_p50_s']:.2f} s", flush=True)
+            finally:
+                stop_server(proc)
+    print("\n| server | clients | requests | tokens/s | p50 latency (s) | p95 latency (s) | TTFT p50 (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | "
+              f"{r['p95_s']:.2f} | {r['ttft_p50_s']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
