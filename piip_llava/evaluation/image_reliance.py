@@ -93,15 +93,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from piip_llava.data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
     from piip_llava.data.tokenizer import load_tokenizer
-    from piip_llava.models import PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor
+    from piip_llava.models import PiipLlavaForConditionalGeneration, PiipLlavaProcessor
 
     model = PiipLlavaForConditionalGeneration.from_pretrained(args.model_path, dtype=torch.float32)
     config = model.config
     tokenizer = load_tokenizer(args.model_path)
     max_len = min(int(tokenizer.model_max_length), 1 << 20)
     dataset = LazySupervisedDataset(
-        args.data_path, tokenizer, PiipLlavaImageProcessor.from_config(config), config.image_token_id,
-        config.num_image_tokens, image_folder=args.image_folder,
+        args.data_path, PiipLlavaProcessor.from_config(config, tokenizer), image_folder=args.image_folder,
         template=args.conv_mode or config.conversation_template, model_max_length=max_len, progress=args.progress)
     with_image = [i for i, m in enumerate(dataset.modality_lengths) if m > 0]
     if len(with_image) < 2:

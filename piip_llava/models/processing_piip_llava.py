@@ -228,7 +228,14 @@ class PiipLlavaProcessor(ProcessorMixin):
         **kwargs,
     ) -> None:
         template = get_template(conversation_template)
-        found = add_image_token(tokenizer, image_token)
+        vocab = tokenizer.get_vocab()
+        if image_token in vocab or image_token_id is None or image_token_id == len(tokenizer):
+            found = add_image_token(tokenizer, image_token)
+        else:  # a checkpoint of an earlier version: tokenizer smaller than the LLM vocabulary, image id = vocab size
+            warnings.warn(f"the tokenizer has no {image_token} token and cannot give it the id {image_token_id}; "
+                          "this package's own paths work, engines that tokenise whole prompts (vLLM) need the "
+                          "checkpoint re-saved with align_image_token_id + save_processor", stacklevel=2)
+            found = image_token_id
         if chat_template is None:
             chat_template = chat_template_jinja(template, prompt_prefix(tokenizer))
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)

@@ -16,6 +16,7 @@ from typing import TextIO
 
 from PIL import Image
 
+from ..data.conversation import ConversationFormatError
 from ..models.processing_piip_llava import ImageLoadError
 from .inference import ChatRequest, InferenceEngine, PromptTooLongError
 
@@ -80,6 +81,9 @@ class TerminalChat:
             request, truncated = self.engine.fit_messages(ChatRequest(messages, self.image), self.max_new_tokens)
         except PromptTooLongError as e:
             self.notice(f"error: message not sent, {e}")
+            return None
+        except ConversationFormatError as e:  # e.g. a typed <image>, the placeholder of the image slot
+            self.notice(f"error: message not sent, {e} (the image comes from --image or /image)")
             return None
         if truncated:
             dropped = (len(messages) - len(request.messages)) // 2

@@ -22,7 +22,8 @@ def test_cli_session(tiny_ckpt, engine, images):
         "word " * (engine.max_context + 50),  # over the context: refused, the conversation stays
         f"/image {images['not_image']}",  # refused: image and conversation stay
         "",  # empty line: ignored
-        "tell me more about <image>",
+        "tell me more about <image>",  # the image placeholder typed as text: refused, the conversation stays
+        "tell me more about 1 2 3 4 5 6 7 8 9",
         f"/image {images['blue']}",  # new image: new conversation
         "what colour?",
         "/reset",
@@ -42,7 +43,7 @@ def test_cli_session(tiny_ckpt, engine, images):
     def gen(messages, image):
         return engine.generate([ChatRequest(messages, image)], MAX_NEW, 0.0)[0]
 
-    u1, u2, u3 = "hello there", "tell me more about <image>", "what colour?"
+    u1, u2, u3 = "hello there", "tell me more about 1 2 3 4 5 6 7 8 9", "what colour?"
     a1 = gen([{"role": "user", "content": u1}], red)
     a2 = gen([{"role": "user", "content": u1}, {"role": "assistant", "content": a1}, {"role": "user", "content": u2}],
              red)
@@ -55,6 +56,7 @@ def test_cli_session(tiny_ckpt, engine, images):
     assert "conversation reset" in err
     assert "message not sent" in err and "context" in err
     assert "unknown command /bogus" in err
+    assert "literal <image>" in err
     assert "Traceback" not in err
 
 

@@ -130,6 +130,10 @@ def test_stage1_then_stage2_zero2_through_scripts(data, tokenizer_dir, tmp_path)
     assert logs2[-1]["skipped_records_total"] == 2 * len(BAD)
 
     final = PiipLlavaForConditionalGeneration.from_pretrained(s2)
+    # the training output is self-contained: code files, auto_map, processor with <image> and the chat template
+    for name in ("modeling_piip_llava.py", "processing_piip_llava.py", "processor_config.json", "chat_template.jinja"):
+        assert os.path.isfile(os.path.join(s2, name)), name
+    assert final.config.auto_map["AutoModelForImageTextToText"].startswith("modeling_piip_llava.")
     assert final.config.conversation_template == "vicuna_v1" and final.config.image_aspect_ratio == "pad"
     assert not torch.equal(final.state_dict()["lm_head.weight"], init["lm_head.weight"])
     engine = InferenceEngine.load(s2, device="cpu", dtype="float32")
