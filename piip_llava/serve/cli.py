@@ -26,7 +26,8 @@ HELP = "commands: /image PATH (new image, restarts the conversation), /reset, /h
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags that say which checkpoint to load and how (shared by cli, gradio_demo and api)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True, help="checkpoint folder (this project's, a LoRA adapter, or official)")
+    g.add_argument("--model-path", "--model", dest="model", required=True,
+                   help="checkpoint folder (this project's, a LoRA adapter, or official)")
     g.add_argument("--lora-base", default=None, help="base checkpoint of a LoRA adapter (default: from the adapter)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],

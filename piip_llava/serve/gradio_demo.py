@@ -1,6 +1,7 @@
 """Gradio web demo: chat with a PIIP-LLaVA checkpoint about an uploaded image.
 
-    python -m piip_llava.serve.gradio_demo --model PATH [--host 127.0.0.1 --port 7860 --share --concurrency 4]
+    python -m piip_llava.serve.gradio_demo --model-path PATH [--host 127.0.0.1 --port 7860 --concurrency 16]
+        [--auth USER:PASSWORD [--share]] [--max-queue 64]
 
 Image upload (changing the image restarts the conversation), multi-turn chat with streamed answers, temperature /
 top-p / max-new-tokens controls, regenerate, clear, example images from `piip_llava/serve/examples/`. When a
@@ -10,7 +11,10 @@ shows a warning toast and a notice line, leaves the conversation as it was, and 
 
 `build_demo(engine)` returns the queued `gr.Blocks`; the named endpoint `/chat` (message, image, history,
 temperature, top_p, max_new_tokens) -> (history, cleared textbox, notice) is callable with `gradio_client`.
-Generation itself is serialised by the engine; the queue lets several users wait and stream in turn.
+Answers of users chatting at the same time are generated together (`BatchScheduler`, as in the API); Stop ends the
+running answer and frees its row; beyond `--max-queue` waiting requests Gradio refuses new ones. Images get the
+API's limits (pixels, padded canvas). `--share` (a public link) refuses to start without `--auth` unless
+`--share-without-auth` says so.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from PIL import Image, ImageDraw
 from ..data.conversation import ConversationFormatError
 from ..models.processing_piip_llava import ImageLoadError
 from .inference import ChatRequest, InferenceEngine, PromptTooLongError
+from .scheduler import BatchScheduler, GenerationParams, QueueFullError
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(__file__), "examples")
 TITLE = "# PIIP-LLaVA\nUpload an image, then chat about it. Changing the image starts a new conversation."
@@ -103,8 +108,9 @@ class DemoHandlers:
     """Event handlers bound to one engine. Inputs arrive unpreprocessed (`preprocess=False`) so that the image file
     is opened by `engine.open_image` (pixel limit, clear error for non-images) rather than by Gradio."""
 
-    def __init__(self, engine: InferenceEngine) -> None:
+    def __init__(self, engine: InferenceEngine, scheduler: BatchScheduler | None = None) -> None:
         self.engine = engine
+        self.scheduler = scheduler or BatchScheduler(engine)
 
     def _image(self, payload: Any) -> Image.Image | None:
         if payload is None:
@@ -137,13 +143,28 @@ class DemoHandlers:
             notice = (f"⚠️ The conversation was truncated to fit the model's context of {self.engine.max_context} "
                       f"tokens: the oldest {dropped} turn(s) are no longer seen by the model.")
             gr.Warning(notice, title="Conversation truncated")
+        try:
+            job = self.scheduler.submit(request, GenerationParams(int(max_new_tokens), float(temperature),
+                                                                  float(top_p)))
+        except QueueFullError as e:
+            gr.Warning(str(e), title="Busy")
+            yield past, message or "", f"⚠️ The server is busy: {e}"
+            return
         shown: History = [*past, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield shown, "", notice
         answer = ""
-        for delta in self.engine.stream(request, int(max_new_tokens), float(temperature), float(top_p)):
-            answer += delta
-            shown[-1] = {"role": "assistant", "content": answer}
-            yield shown, "", notice
+        try:
+            while True:
+                kind, value = job.events.get()
+                if kind == "error":
+                    raise gr.Error(f"generation failed: {value}")
+                if kind == "done":
+                    break
+                answer += value
+                shown[-1] = {"role": "assistant", "content": answer}
+                yield shown, "", notice
+        finally:  # Stop (or a closed page) closes this generator: the row stops at the next step
+            job.cancel()
         if not answer:
             shown[-1] = {"role": "assistant", "content": EMPTY_ANSWER}
             yield shown, "", notice
@@ -177,10 +198,12 @@ class DemoHandlers:
 
 
 # ------------------------------------------------------------------------------------------------- app
-def build_demo(engine: InferenceEngine, concurrency_limit: int = 4, max_new_tokens: int = 512,
-               temperature: float = 0.2, top_p: float = 0.7) -> gr.Blocks:
-    """The demo as a queued `gr.Blocks`; launch it with `.launch(...)`. The numbers are the sliders' initial values."""
-    h = DemoHandlers(engine)
+def build_demo(engine: InferenceEngine, concurrency_limit: int = 16, max_new_tokens: int = 512,
+               temperature: float = 0.2, top_p: float = 0.7, max_queue: int = 64,
+               scheduler: BatchScheduler | None = None) -> gr.Blocks:
+    """The demo as a queued `gr.Blocks`; launch it with `.launch(...)`. The numbers are the sliders' initial values;
+    `concurrency_limit` users stream at once (their answers are batched), `max_queue` more may wait."""
+    h = DemoHandlers(engine, scheduler or BatchScheduler(engine, max_batch_size=concurrency_limit, max_queue=max_queue))
     with gr.Blocks(title="PIIP-LLaVA", analytics_enabled=False) as demo:
         gr.Markdown(TITLE)
         with gr.Row():
@@ -200,19 +223,22 @@ def build_demo(engine: InferenceEngine, concurrency_limit: int = 4, max_new_toke
                                          scale=5, autofocus=True)
                     send = gr.Button("Send", variant="primary", scale=1)
                 with gr.Row():
+                    stop = gr.Button("Stop", variant="stop")
                     regenerate = gr.Button("Regenerate")
                     clear = gr.Button("Clear")
         gr.Examples(examples=example_rows(), inputs=[image, textbox], label="Examples")
 
         params = [temperature, top_p, max_new]
         outputs = [chatbot, textbox, notice]
-        send.click(h.chat, [textbox, image, chatbot, *params], outputs, api_name="chat", preprocess=False)
-        textbox.submit(h.chat, [textbox, image, chatbot, *params], outputs, api_visibility="private",
-                       preprocess=False)
-        regenerate.click(h.regenerate, [image, chatbot, *params], outputs, api_name="regenerate", preprocess=False)
+        sent = send.click(h.chat, [textbox, image, chatbot, *params], outputs, api_name="chat", preprocess=False)
+        submitted = textbox.submit(h.chat, [textbox, image, chatbot, *params], outputs, api_visibility="private",
+                                   preprocess=False)
+        regenerated = regenerate.click(h.regenerate, [image, chatbot, *params], outputs, api_name="regenerate",
+                                       preprocess=False)
+        stop.click(None, None, None, cancels=[sent, submitted, regenerated], api_visibility="private")
         clear.click(lambda: ([], "", None, ""), None, [chatbot, textbox, image, notice], api_name="clear")
         image.change(lambda: ([], ""), None, [chatbot, notice], api_visibility="private")
-    demo.queue(default_concurrency_limit=concurrency_limit)
+    demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
     return demo
 
 
@@ -223,16 +249,27 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the demo)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="public gradio.live link")
-    parser.add_argument("--concurrency", type=int, default=4, help="users served at once (generation is serialised)")
+    parser.add_argument("--share", action="store_true", help="public gradio.live link (needs --auth)")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
+    parser.add_argument("--share-without-auth", action="store_true", help="allow --share without --auth")
+    parser.add_argument("--concurrency", type=int, default=16, help="users answered at once (in one batch)")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this are refused")
     parser.add_argument("--temperature", type=float, default=0.2, help="initial value of the slider (0 = greedy)")
     parser.add_argument("--top-p", type=float, default=0.7, help="initial value of the slider")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="initial value of the slider")
     args = parser.parse_args(argv)
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            parser.error("--auth must be USER:PASSWORD")
+        auth = (user, password)
+    if args.share and auth is None and not args.share_without_auth:
+        parser.error("--share makes the demo public: give --auth USER:PASSWORD (or --share-without-auth)")
     engine = load_engine(args)
     demo = build_demo(engine, concurrency_limit=args.concurrency, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+                      temperature=args.temperature, top_p=args.top_p, max_queue=args.max_queue)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth)
     return 0
 
 

@@ -6,6 +6,7 @@ tokens of one request. Prompts use the model's conversation template; stop strin
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -21,7 +22,7 @@ from PIL import Image
 from ..constants import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.conversation import ConversationTemplate, get_template
 from ..data.tokenizer import load_tokenizer
-from ..models import PiipLlavaForConditionalGeneration, PiipLlavaProcessor, load_image
+from ..models import ImageLoadError, PiipLlavaForConditionalGeneration, PiipLlavaProcessor, load_image
 
 
 class PromptTooLongError(ValueError):
@@ -50,6 +51,60 @@ def pick_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tu
         else:
             dtype = torch.float32
     return dev, dtype
+
+
+class IncrementalText:
+    """Token ids in, text deltas out, such that the deltas concatenate to the final (stop-cut, stripped) answer.
+
+    Text is re-decoded from all ids at each step and only emitted where later tokens cannot change it: not inside a
+    run of SentencePiece byte-fallback tokens (an invalid run decodes to U+FFFD per byte), not on a trailing
+    incomplete character, and not the last `len(stop) - 1` characters, which could be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer, byte_token_ids: set[int], stops: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.byte_token_ids = byte_token_ids
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) - 1 for s in self.stops), default=0)
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def _cut(self, text: str) -> str:
+        for s in self.stops:
+            if s in text:
+                text = text[: text.index(s)]
+        return text.strip()
+
+    def push(self, token_id: int) -> str:
+        """Add one id; returns the new visible text (may be ""). Sets `stopped` when a stop string appeared."""
+        self.ids.append(token_id)
+        if token_id in self.byte_token_ids:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        if any(s in text for s in self.stops):
+            self.stopped = True
+            return ""
+        visible = text.strip()
+        safe = visible[: max(len(self.emitted), len(visible) - self.hold)]
+        if len(safe) > len(self.emitted) and safe.startswith(self.emitted):
+            delta, self.emitted = safe[len(self.emitted):], safe
+            return delta
+        return ""
+
+    def finish(self) -> str:
+        """The rest of the answer (after the last delta)."""
+        final = self._cut(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        if final.startswith(self.emitted) and len(final) > len(self.emitted):
+            delta, self.emitted = final[len(self.emitted):], final
+            return delta
+        return ""
+
+    @property
+    def text(self) -> str:
+        return self._cut(self.tokenizer.decode(self.ids, skip_special_tokens=True))
 
 
 class InferenceEngine:
@@ -116,7 +171,21 @@ class InferenceEngine:
 
     # ---- prompt building ----
     def open_image(self, source: str | bytes | Image.Image) -> Image.Image:
-        """Path / bytes / PIL -> RGB image, refusing files over the pixel limit (ImageLoadError)."""
+        """Path / bytes / PIL -> RGB image, refusing files over the pixel limit (ImageLoadError).
+
+        With `pad` preprocessing the image is pasted on a square of its longer side, so that square is held to the
+        limit too, read from the header before anything is decoded (a 64000 x 1000 image is 64 megapixels but
+        would need a 4-gigapixel canvas)."""
+        if self.image_processor.aspect_mode == "pad" and not isinstance(source, Image.Image):
+            try:
+                with Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source) as header:
+                    w, h = header.size
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                w = h = 0  # not an image / unreadable: load_image says so with its own message
+            side = max(w, h)
+            if side * side > self.max_image_pixels:
+                raise ImageLoadError(f"image of {w}x{h} pixels would be padded to a {side}x{side} square "
+                                     f"({side * side} pixels), over the limit of {self.max_image_pixels}")
         return load_image(source, self.max_image_pixels)
 
     def prompt_ids(self, request: ChatRequest) -> list[int]:
@@ -200,13 +269,8 @@ class InferenceEngine:
 
     def stream(self, request: ChatRequest, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                stop: Sequence[str] | None = None) -> Iterator[str]:
-        """Yield text deltas of one request as they are generated; the concatenation equals `generate()`'s text.
-
-        The text is re-decoded from all new token ids at each step (not pieced together from per-token strings) and
-        only emitted at points where later tokens cannot change it: not inside a run of SentencePiece byte-fallback
-        tokens (`<0xE2>`...; an invalid run decodes to one U+FFFD per byte, so a later byte can turn text already
-        decoded into replacement characters) and not on a trailing incomplete UTF-8 character.
-        """
+        """Yield text deltas of one request as they are generated; the concatenation equals `generate()`'s text
+        (see `IncrementalText` for when text is held back)."""
         from transformers.generation.streamers import BaseStreamer
 
         class TokenQueue(BaseStreamer):  # generate() pushes the prompt once, then each new token
@@ -237,30 +301,20 @@ class InferenceEngine:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        ids: list[int] = []
-        emitted = ""
-        hold = max((len(s) - 1 for s in [self.template.stop_str, *(stop or [])] if s), default=0)
+        text = IncrementalText(self.tokenizer, self._byte_token_ids, [self.template.stop_str, *(stop or [])])
         while (item := streamer.queue.get(timeout=600)) is not None:
-            ids.extend(item)
-            if ids[-1] in self._byte_token_ids:
-                continue
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue
-            if self._stopped(text, stop):
+            for tok in item:
+                delta = text.push(tok)
+                if delta:
+                    yield delta
+            if text.stopped:
                 break
-            # hold back trailing whitespace and a tail that could be the start of a stop string
-            visible = text.lstrip().rstrip()
-            safe = visible[: max(len(emitted), len(visible) - hold)]
-            if len(safe) > len(emitted) and safe.startswith(emitted):
-                yield safe[len(emitted):]
-                emitted = safe
         thread.join()
         if errors:
             raise errors[0]
-        final = self._cut(self.tokenizer.decode(ids, skip_special_tokens=True), stop)
-        if final.startswith(emitted) and len(final) > len(emitted):
-            yield final[len(emitted):]
+        tail = text.finish()
+        if tail:
+            yield tail
 
     def _stopped(self, text: str, stop: Sequence[str] | None) -> bool:
         return any(s and s in text for s in [self.template.stop_str, *(stop or [])])

@@ -152,6 +152,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 ck, out = sys.argv[1], sys.argv[2]
+torch.set_num_threads(int(sys.argv[3]))  # the parent's: the same reduction order, bit-identical logits
 proc = AutoProcessor.from_pretrained(ck, trust_remote_code=True)
 model = AutoModelForImageTextToText.from_pretrained(ck, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
@@ -175,7 +176,8 @@ def test_checkpoint_runs_with_transformers_alone(tmp_path, tokenizer_dir, preset
     script = tmp_path / "remote.py"
     script.write_text(_REMOTE)
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, str(script), ck, str(tmp_path / "out.pt")], cwd=str(tmp_path), env=env,
+    proc = subprocess.run([sys.executable, str(script), ck, str(tmp_path / "out.pt"), str(torch.get_num_threads())],
+                          cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt", weights_only=True)

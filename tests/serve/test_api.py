@@ -13,13 +13,16 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def server(engine, free_port):
+def server(engine, free_port, images):
+    import os
+
     import uvicorn
 
     from piip_llava.serve.api import create_app
 
     port = free_port
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny"), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(engine, "tiny", image_dir=os.path.dirname(images["red"]))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -56,7 +59,8 @@ def stream_text(client, **kw) -> tuple[str, list]:
 
 
 def test_health_and_models(server, client):
-    assert httpx.get(f"{server}/health").json() == {"status": "ok", "model": "tiny"}
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny" and health["waiting"] == 0
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
