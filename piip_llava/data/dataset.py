@@ -195,7 +195,7 @@ class LazySupervisedDataset(Dataset):
         if has_image:
             path = os.path.join(self.image_folder, images[0])
             try:
-                image = load_image(path, max_pixels=self.max_image_pixels)
+                image = load_image(path, max_pixels=self.max_image_pixels, decode="official")  # as LLaVA's loader
             except ImageLoadError as e:
                 if not os.path.exists(path):
                     raise SkipRecord("missing_image", f"id {rid!r}: image {path} does not exist") from None

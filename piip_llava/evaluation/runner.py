@@ -7,13 +7,17 @@ then
 * takes this process' shard (``num_chunks``/``chunk_idx``, or torchrun's ``RANK``/``WORLD_SIZE``), split into
   ceil-sized contiguous chunks like LLaVA's ``get_chunk``;
 * reads the answers file first and skips every question already answered (key: ``question_id`` + ``prompt``,
-  because TextVQA's ``question_id`` is the image id and repeats), cutting off a half-written last line;
+  because TextVQA's ``question_id`` is the image id and repeats), cutting off a half-written last line; with a
+  ``provenance`` it refuses a file written by another model or other settings (:mod:`.provenance`) and stamps
+  each new line with the provenance hash;
 * loads images per batch; a missing file, undecodable base64 or malformed row becomes an **error record** in
   the answers file (``"error"`` field, ``text`` empty), counted in the summary, never a crash;
 * calls ``engine.generate`` on the rest (a batch refused with a ValueError, e.g. a prompt over the context, is
   retried one by one and the offending questions become error records), appends one JSON line per question in question order, then flushes and
   ``os.fsync``s, so a crash loses at most the batch in flight;
-* shows a tqdm bar (questions/s, ETA) and returns a summary dict.
+* shows a tqdm bar (questions/s, ETA) and returns a summary dict;
+* after ``retry_errors`` re-asked questions, rewrites the file in question order, because POPE's and MME's
+  official scorers read answers by position.
 
 :func:`merge_chunks` concatenates chunk files in chunk order into one answers file.
 
@@ -38,6 +42,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from piip_llava.constants import DEFAULT_MAX_IMAGE_PIXELS
+from piip_llava.evaluation.provenance import (check_resume, fingerprint, provenance_path, read_provenance,
+                                             write_provenance)
 from piip_llava.models.processing_piip_llava import load_image
 
 __all__ = [
@@ -131,26 +137,28 @@ def chunk_answers_path(answers_path: str | os.PathLike, shard: ShardSpec) -> Pat
 # ---------------------------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------------------------
-def image_from_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageLoader:
-    """A loader that opens ``path`` lazily with the project's ``load_image`` (RGB, EXIF-rotated, pixel limit);
-    it raises ``FileNotFoundError``/``ImageLoadError`` (a ValueError) naming the path."""
+def image_from_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                    decode: str = "official") -> ImageLoader:
+    """A loader that opens ``path`` lazily with the project's ``load_image`` (RGB, pixel limit; ``official``:
+    ``Image.open(p).convert('RGB')`` as LLaVA's eval loaders); it raises ``FileNotFoundError``/``ImageLoadError``
+    (a ValueError) naming the path."""
 
     def load() -> Image.Image:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path}")
-        return load_image(os.fspath(path), max_pixels)
+        return load_image(os.fspath(path), max_pixels, decode=decode)
 
     return load
 
 
 def image_from_base64(data: str, source: str = "base64 image",
-                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageLoader:
+                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, decode: str = "official") -> ImageLoader:
     """A loader that decodes standard base64 image bytes (MMBench TSV ``image`` cells) lazily."""
 
     def load() -> Image.Image:
         try:
             raw = base64.b64decode(data, validate=False)
-            return load_image(raw, max_pixels)
+            return load_image(raw, max_pixels, decode=decode)
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"{source}: undecodable base64 image ({exc})") from exc
 
@@ -201,9 +209,9 @@ def read_answers(path: str | os.PathLike, repair: bool = False) -> list[dict]:
     return records
 
 
-def _answer_line(q: QuestionRecord, text: str, model_id: str, error: str | None) -> dict:
+def _answer_line(q: QuestionRecord, text: str, model_id: str, error: str | None, run: str | None) -> dict:
     line = {"question_id": q.question_id, "prompt": q.prompt, "text": text,
-            "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+            "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {"provenance": run} if run else {}}
     line.update(q.extra)
     if error is not None:
         line["error"] = error
@@ -250,11 +258,16 @@ def run_generation(
     gen_kwargs: dict | None = None,
     retry_errors: bool = False,
     progress: bool = True,
+    provenance: dict | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Answer this shard's questions into ``answers_path`` (appending; resumable). Returns a summary dict.
+    """Answer this shard's questions into ``answers_path`` (appending; resumable). Returns a summary dict
+    (``already_answered``: answers reused from the file).
 
     ``answers_path`` is the file this process writes (pass :func:`chunk_answers_path` output when sharded).
-    ``retry_errors`` re-asks questions whose earlier record is an error record.
+    ``retry_errors`` re-asks questions whose earlier record is an error record. ``provenance`` (see
+    :mod:`.provenance`) refuses to resume a file written with anything else (``ProvenanceMismatch``);
+    ``overwrite`` deletes the file first.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -266,8 +279,17 @@ def run_generation(
 
     done_marker = path.with_name(path.name + ".done.json")
     done_marker.unlink(missing_ok=True)  # an older marker must not let merge_chunks read a file in progress
+    if overwrite:
+        path.unlink(missing_ok=True)
+        provenance_path(path).unlink(missing_ok=True)
     existing = read_answers(path, repair=True)
-    if retry_errors and any(r.get("error") for r in existing):
+    run = None
+    if provenance is not None:
+        check_resume(path, existing, provenance)
+        write_provenance(path, provenance)
+        run = fingerprint(provenance)
+    retried = retry_errors and any(r.get("error") for r in existing)
+    if retried:
         # drop the error records to be retried, so the file never holds two lines for one question
         existing = [r for r in existing if not r.get("error")]
         tmp = path.with_name(path.name + ".tmp")
@@ -307,20 +329,33 @@ def run_generation(
             lines = []
             for i, q in enumerate(batch):
                 if i in errors:
-                    lines.append(_answer_line(q, "", model_id, errors[i]))
+                    lines.append(_answer_line(q, "", model_id, errors[i], run))
                     summary["errors"] += 1
                     summary["error_ids"].append(q.question_id)
                 else:
-                    lines.append(_answer_line(q, texts[i], model_id, None))
+                    lines.append(_answer_line(q, texts[i], model_id, None, run))
                     summary["answered"] += 1
             _write_lines(f, lines)
             bar.update(len(batch))  # rate in questions/s and ETA
     bar.close()
+    if retried:
+        _sort_answers(path, mine)
     elapsed = time.perf_counter() - t0
     summary["elapsed_s"] = round(elapsed, 3)
     summary["questions_per_s"] = round(len(todo) / elapsed, 3) if elapsed > 0 and todo else None
     done_marker.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return summary
+
+
+def _sort_answers(path: Path, questions: Sequence[QuestionRecord]) -> None:
+    """Rewrite the answers file in question order (lines of other questions keep their place at the end)."""
+    rank = {answer_key(q.question_id, q.prompt): i for i, q in enumerate(questions)}
+    records = read_answers(path)
+    records.sort(key=lambda r: rank.get(answer_key(r.get("question_id"), r.get("prompt")), len(rank)))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        _write_lines(f, records)
+    os.replace(tmp, path)
 
 
 def merge_chunks(answers_path: str | os.PathLike, num_chunks: int, *, wait_s: float = 0.0,
@@ -340,6 +375,11 @@ def merge_chunks(answers_path: str | os.PathLike, num_chunks: int, *, wait_s: fl
         time.sleep(poll_s)
     if missing:
         raise FileNotFoundError(f"cannot merge: chunks not finished: {', '.join(str(p) for p in missing)}")
+    runs = {(r.get("metadata") or {}).get("provenance") for p in paths for r in read_answers(p)
+            if isinstance(r.get("metadata"), dict)}
+    if len(runs) > 1:
+        raise ValueError(f"cannot merge: the chunks of {answers_path} were written by different runs "
+                         f"({', '.join(sorted(str(r) for r in runs))}); rerun the odd chunk with --overwrite")
     seen: set = set()
     merged: list[dict] = []
     for p in paths:
@@ -353,5 +393,10 @@ def merge_chunks(answers_path: str | os.PathLike, num_chunks: int, *, wait_s: fl
     with open(tmp, "w", encoding="utf-8") as f:
         _write_lines(f, merged)
     os.replace(tmp, out)
+    prov = next((x for x in map(read_provenance, paths) if x is not None), None)
+    if prov is not None:
+        prov = {k: v for k, v in prov.items() if k != "fingerprint"}
+        prov.get("run", {}).pop("chunk_idx", None)
+        write_provenance(out, prov)
     return {"merged_file": str(out), "num_records": len(merged),
             "errors": sum(1 for r in merged if r.get("error")), "chunks": [str(p) for p in paths]}

@@ -42,12 +42,20 @@ class ImageLoadError(ValueError):
     """An input could not be used as an image (not an image, unreadable, too large)."""
 
 
-def load_image(source: str | bytes | os.PathLike | Image.Image, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+ImageDecode = Literal["official", "friendly"]
+
+
+def load_image(source: str | bytes | os.PathLike | Image.Image, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               decode: ImageDecode = "friendly") -> Image.Image:
     """Open a path / raw bytes / PIL image as an RGB PIL image.
 
-    Refuses images over `max_pixels` before decoding them, applies the EXIF orientation, and converts palette,
-    grayscale, CMYK and RGBA images (alpha composited on white) to RGB. Raises `ImageLoadError` naming the source.
+    Refuses images over `max_pixels` before decoding them. `decode="friendly"` (chat uploads) applies the EXIF
+    orientation and composites transparency on white; `decode="official"` is what the official loaders do,
+    `Image.open(p).convert('RGB')` (no EXIF rotation, alpha dropped), so evaluation and training data see the
+    pixels the published models were trained and scored on. Raises `ImageLoadError` naming the source.
     """
+    if decode not in ("official", "friendly"):
+        raise ValueError(f"decode must be 'official' or 'friendly', got {decode!r}")
     name = "<bytes>" if isinstance(source, bytes | bytearray) else str(getattr(source, "filename", None) or source)
     if isinstance(source, Image.Image):
         image = source
@@ -74,12 +82,21 @@ def load_image(source: str | bytes | os.PathLike | Image.Image, max_pixels: int 
     w, h = image.size
     if w * h > max_pixels:
         raise ImageLoadError(f"image {name} has {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    if decode == "official":
+        return image.convert("RGB")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB")
+
+
+def open_image_official(source: str | bytes | os.PathLike | Image.Image,
+                        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """`Image.open(p).convert('RGB')` as LLaVA's training and evaluation loaders do, with the pixel limit and
+    `ImageLoadError` of `load_image` (evaluation and training data)."""
+    return load_image(source, max_pixels, decode="official")
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

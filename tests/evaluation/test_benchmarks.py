@@ -4,10 +4,14 @@ import json
 import pytest
 from PIL import Image
 
-from piip_llava.evaluation.benchmarks import (load_question_jsonl, load_scienceqa_questions,
-                                              parse_scienceqa_answer, pope_yes_no, score_gqa, score_pope,
-                                              score_scienceqa, score_seed, write_gqa_predictions,
-                                              write_mmvet_results, write_seed_upload, write_vqav2_submission)
+from piip_llava.evaluation.io import load_question_jsonl
+from piip_llava.evaluation.tasks.gqa import score_gqa, write_gqa_predictions
+from piip_llava.evaluation.tasks.mmvet import write_mmvet_results
+from piip_llava.evaluation.tasks.pope import pope_yes_no, score_pope
+from piip_llava.evaluation.tasks.scienceqa import (load_scienceqa_questions, parse_scienceqa_answer,
+                                                   score_scienceqa)
+from piip_llava.evaluation.tasks.seed import score_seed, write_seed_upload
+from piip_llava.evaluation.tasks.vqav2 import write_vqav2_submission
 from piip_llava.evaluation.report import PAPER_ROWS, collect_summaries, make_row, plot_bars, to_csv, to_markdown
 
 

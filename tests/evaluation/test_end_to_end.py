@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from piip_llava.evaluation.mmbench import load_mmbench_tsv, score_mmbench
+from piip_llava.evaluation.tasks.mmbench import load_mmbench_tsv, score_mmbench
 from piip_llava.evaluation.runner import read_answers
-from piip_llava.evaluation.textvqa import load_textvqa_annotations, prompt_processor, vqa_accuracy
+from piip_llava.evaluation.tasks.textvqa import load_textvqa_annotations, prompt_processor, vqa_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

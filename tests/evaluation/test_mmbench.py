@@ -5,7 +5,7 @@ import json
 import pytest
 from eval_fixtures import MMB_COLUMNS, mmbench_rows, write_tsv
 
-from piip_llava.evaluation.mmbench import (build_mmbench_prompt, build_mmbench_questions, can_infer,
+from piip_llava.evaluation.tasks.mmbench import (build_mmbench_prompt, build_mmbench_questions, can_infer,
                                            extract_choice, load_mmbench_tsv, score_mmbench,
                                            write_submission_xlsx)
 

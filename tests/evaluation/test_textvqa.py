@@ -5,7 +5,7 @@ import pytest
 from eval_fixtures import TEXTVQA_EXPECTED_ACCURACY, TEXTVQA_ITEMS
 
 from piip_llava.evaluation.answer_processing import EvalAIAnswerProcessor
-from piip_llava.evaluation.textvqa import (drop_ocr_line, load_textvqa_annotations, load_textvqa_questions,
+from piip_llava.evaluation.tasks.textvqa import (drop_ocr_line, load_textvqa_annotations, load_textvqa_questions,
                                            prompt_processor, score_answers, vqa_accuracy, vqa_answer_scores)
 
 # spec eval_data_formats §3.6 (outputs of the reference code) plus the remaining rules of §3.5
