@@ -2,11 +2,12 @@
 
     python benchmarks/serve_throughput.py                          # mini preset, built in a temp dir, both servers
     python benchmarks/serve_throughput.py --model CKPT --servers ours --clients 1 4 16 64 --max-tokens 64
+    python benchmarks/serve_throughput.py --servers ours --preset tiny-piip2_clip_64-128
 
 Each server is started as its own process (`python -m piip_llava.serve.api`, `bash scripts/serve_vllm.sh`) on a
 loopback port. For each concurrency C, C clients each send `--requests` streamed chat requests (one image + a
-question, greedy, `--max-tokens` new tokens, EOS ignored by vLLM and stop strings off for ours where the API allows)
-one after the other; the figures are over all requests of that run:
+question, greedy, exactly `--max-tokens` new tokens: `ignore_eos`, which both servers accept) one after the other;
+the figures are over all requests of that run:
 - tokens/s: completion tokens (from the server's `usage`) of all requests / wall time of the run,
 - p50 / p95 latency: request start to the last streamed byte,
 - TTFT p50: request start to the first content delta.
@@ -87,8 +88,7 @@ async def one_request(client: httpx.AsyncClient, base: str, kind: str, seed: int
             "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url(seed)}},
                                                       {"type": "text", "text": "Describe the picture in detail."}]}]}
-    if kind == "vllm":
-        body["ignore_eos"] = True  # same number of tokens for every request
+    body["ignore_eos"] = True  # the same number of tokens for every request, on both servers
     t0 = time.perf_counter()
     first = None
     tokens = 0
@@ -125,7 +125,9 @@ async def run_level(base: str, kind: str, clients: int, requests: int, max_token
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint (default: the mini preset, random weights)")
+    parser.add_argument("--model", default=None, help="checkpoint (default: --preset with random weights)")
+    parser.add_argument("--preset", default="mini-piip2_clip-ls_64-128",
+                        help="preset of the random checkpoint (vLLM's CPU attention needs head size >= 32: not tiny)")
     parser.add_argument("--servers", nargs="+", default=["ours", "vllm"], choices=["ours", "vllm"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
@@ -141,9 +143,13 @@ def main(argv: list[str] | None = None) -> int:
             from piip_llava.data.tokenizer import train_sentencepiece_tokenizer
             from piip_llava.testing import build_tiny_checkpoint
 
-            tok = train_sentencepiece_tokenizer(os.path.join(tmp, "tok"), vocab_size=512)
-            ckpt = build_tiny_checkpoint(os.path.join(tmp, "ckpt"), preset="mini-piip2_clip-ls_64-128",
-                                         tokenizer_dir=tok, gate_scale=0.5)
+            from piip_llava.models import load_preset
+
+            # as large as the LLM vocabulary, so few generated ids fall outside the tokenizer
+            vocab = load_preset(args.preset).text_config.vocab_size
+            tok = train_sentencepiece_tokenizer(os.path.join(tmp, "tok"), vocab_size=vocab)
+            ckpt = build_tiny_checkpoint(os.path.join(tmp, "ckpt"), preset=args.preset, tokenizer_dir=tok,
+                                         gate_scale=0.5)
         rows = []
         for kind in args.servers:
             proc, base = start_server(kind, ckpt, args.threads, tmp)

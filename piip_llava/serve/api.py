@@ -89,6 +89,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+    ignore_eos: bool = False  # vLLM's extension, for benchmarks: always generate max_tokens
 
 
 class APIError(Exception):
@@ -316,7 +317,7 @@ def create_app(engine: InferenceEngine, model_name: str = "piip-llava", image_di
                 f"completion). Please reduce the length of the messages or completion.",
                 param="messages", code="context_length_exceeded")
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        params = GenerationParams(max_tokens, req.temperature, req.top_p, tuple(s for s in stop if s))
+        params = GenerationParams(max_tokens, req.temperature, req.top_p, tuple(s for s in stop if s), req.ignore_eos)
         try:
             return sched.submit(request, params, sink)
         except QueueFullError as e:
@@ -399,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    engine = load_engine(args)
+    from ..models.loading import CheckpointError, cli_error
+
+    try:
+        engine = load_engine(args)
+    except CheckpointError as e:  # a bad --model: one line naming the file, exit 1 (PIIP_DEBUG=1: traceback)
+        return cli_error(e)
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, name, image_dir=args.image_dir, api_key=args.api_key, default_max_tokens=args.max_tokens,
                      max_batch_size=args.max_batch_size, max_queue=args.max_queue,

@@ -41,11 +41,13 @@ class GenerationParams:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: always generate max_new_tokens (benchmarks)
 
     @property
     def batch_key(self) -> tuple:
         """Jobs that can share one `generate()` call (one sampling configuration)."""
-        return ("greedy",) if self.temperature <= 0 else ("sample", self.temperature, self.top_p)
+        sampling = ("greedy",) if self.temperature <= 0 else ("sample", self.temperature, self.top_p)
+        return (*sampling, self.ignore_eos)
 
 
 @dataclass
@@ -223,9 +225,13 @@ class BatchScheduler:
         engine = self.engine
         inputs = engine.prepare([j.request for j in jobs])
         params = jobs[0].params
-        kwargs = engine._generation_kwargs(max(j.params.max_new_tokens for j in jobs), params.temperature,
-                                           params.top_p, None)
-        stopper = _RowStopper(jobs, engine, inputs["input_ids"].shape[1], set(kwargs["eos_token_id"]))
+        longest = max(j.params.max_new_tokens for j in jobs)
+        kwargs = engine._generation_kwargs(longest, params.temperature, params.top_p, None)
+        eos_ids = set(kwargs["eos_token_id"])
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = longest  # EOS is suppressed until then; rows still end at their own limit
+            eos_ids = set()
+        stopper = _RowStopper(jobs, engine, inputs["input_ids"].shape[1], eos_ids)
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(jobs))
         with engine._lock:
