@@ -66,15 +66,16 @@ env "${STAGE2_FROM[@]}" TUNE="$STAGE2_TUNE" DATA_PATH="$DATA/stage2.json" IMAGE_
   bash "$SCRIPT_DIR/finetune_piip_llava.sh"
 
 echo "== [$PRESET] evaluation: synthetic TextVQA and MMBench"
+# --overwrite: this run's stage 2 may be a new model in the same folder; its answers must not be resumed from the last
 mkdir -p "$RUN_DIR/eval"
 "$PYTHON" "$REPO/eval/textvqa.py" --model-path "$RUN_DIR/stage2" \
   --question-file "$DATA/eval/textvqa/llava_textvqa_val_v051_ocr.jsonl" \
   --image-folder "$DATA/eval/textvqa/train_images" --annotation-file "$DATA/eval/textvqa/TextVQA_0.5.1_val.json" \
-  --answers-file "$RUN_DIR/eval/textvqa_answers.jsonl" --batch-size "${EVAL_BATCH:-16}" --max-new-tokens 8
+  --answers-file "$RUN_DIR/eval/textvqa_answers.jsonl" --batch-size "${EVAL_BATCH:-16}" --max-new-tokens 8 --overwrite
 "$PYTHON" "$REPO/eval/mmbench.py" --model-path "$RUN_DIR/stage2" \
   --question-file "$DATA/eval/mmbench/mmbench_dev_synthetic.tsv" \
   --answers-file "$RUN_DIR/eval/mmbench_answers.jsonl" --batch-size "${EVAL_BATCH:-16}" --max-new-tokens 8 \
-  --score --submission "$RUN_DIR/eval"
+  --submission "$RUN_DIR/eval" --overwrite
 echo "== [$PRESET] image reliance: answer loss with the right images vs another record's (stage-2 records)"
 "$PYTHON" -m piip_llava.evaluation.image_reliance --model-path "$RUN_DIR/stage2" --data-path "$DATA/stage2.json" \
   --image-folder "$DATA" --num-records "${RELIANCE_RECORDS:-128}" --batch-size "${EVAL_BATCH:-16}" \

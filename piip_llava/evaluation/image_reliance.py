@@ -78,7 +78,7 @@ def image_reliance(model, dataset, collator, indices: list[int], batch_size: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m piip_llava.evaluation.image_reliance",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--model-path", required=True, help="checkpoint folder (save_pretrained + tokenizer)")
+    parser.add_argument("--model-path", "--model", dest="model_path", required=True, help="checkpoint folder (save_pretrained + tokenizer)")
     parser.add_argument("--data-path", required=True, help="LLaVA-format JSON / JSONL conversations")
     parser.add_argument("--image-folder", default=None, help="root of the records' image paths [data's folder]")
     parser.add_argument("--num-records", type=int, default=256, help="image records sampled (seeded) [256]")

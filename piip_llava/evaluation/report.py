@@ -185,7 +185,7 @@ def plot_bars(rows: dict[str, list[float | None]], out_png: str | os.PathLike) -
     return out
 
 
-def main(argv: Sequence[str] | None = None, write_files: bool = True) -> int:
+def main(argv: Sequence[str] | None = None, write_files: bool = True, paper_row: bool = True) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("summary_dir", nargs="?", help="folder of *_summary.json files")
     parser.add_argument("--summary-dir", dest="summary_dir_flag", help="same as the positional folder")
@@ -213,6 +213,8 @@ def main(argv: Sequence[str] | None = None, write_files: bool = True) -> int:
     if args.title:
         print(f"### {args.title}\n")
     print(summary_table(summaries))
+    if not paper_row:
+        return 0
     print()
     rows = {args.name: make_row(summaries)}
     marks = {args.name: local_marks(summaries)}

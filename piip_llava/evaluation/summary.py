@@ -1,5 +1,5 @@
-"""``python -m piip_llava.evaluation.summary DIR [--title T]``: the results tables of
-:mod:`piip_llava.evaluation.report`, printed only (no CSV or chart), as the quickstart shows them."""
+"""``python -m piip_llava.evaluation.summary DIR [--title T]``: the per-benchmark table of
+:mod:`piip_llava.evaluation.report` only (no paper row, CSV or chart), as the quickstart shows it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,7 +9,7 @@ from piip_llava.evaluation.report import main as _report_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return _report_main(argv, write_files=False)
+    return _report_main(argv, write_files=False, paper_row=False)
 
 
 if __name__ == "__main__":
