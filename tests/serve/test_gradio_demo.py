@@ -10,10 +10,19 @@ MAX_NEW = 16
 
 
 @pytest.fixture(scope="module")
-def client(engine, free_port):
+def scheduler(engine):
+    from piip_llava.serve.scheduler import BatchScheduler
+
+    sched = BatchScheduler(engine, max_batch_size=2, max_queue=8)
+    yield sched
+    sched.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine, free_port, scheduler):
     from piip_llava.serve.gradio_demo import build_demo
 
-    demo = build_demo(engine, concurrency_limit=2)
+    demo = build_demo(engine, concurrency_limit=2, scheduler=scheduler)
     demo.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
     yield Client(f"http://127.0.0.1:{free_port}/", verbose=False)
     demo.close()
@@ -129,3 +138,28 @@ def test_examples_exist():
 
     rows = example_rows()
     assert rows and all(os.path.isfile(path) and question.strip() for path, question in rows)
+
+
+def test_cancel_stops_the_generation(client, scheduler, images):
+    """What the Stop button does (cancelling the running event) ends the row in the batch, not only the display."""
+    import time
+
+    job = client.submit("Tell me a very long story.", handle_file(images["red"]), [], 0.0, 1.0, 400, api_name="/chat")
+    deadline = time.time() + 120
+    while not scheduler.busy:
+        assert time.time() < deadline, "generation never started"
+        time.sleep(0.02)
+    job.cancel()
+    while scheduler.busy:
+        assert time.time() < deadline, "generation kept running after cancel"
+        time.sleep(0.05)
+
+
+def test_share_needs_auth(tiny_ckpt):
+    from piip_llava.serve.gradio_demo import main
+
+    with pytest.raises(SystemExit) as info:  # refused before the model is loaded
+        main(["--model-path", tiny_ckpt, "--share"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["--model-path", tiny_ckpt, "--auth", "no-colon"])
