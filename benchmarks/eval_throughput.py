@@ -10,6 +10,12 @@ On CPU the default is one intra-op thread: the figure of interest is the batchin
 machine OpenMP threads competing with other processes make every step 10-40x slower (measured on the 2-core dev
 box: batch 1 0.65 q/s and batch 16 1.81 q/s with 2 threads, 4.3 and 25.2 q/s with 1 thread). ``--threads``
 overrides it.
+
+``--openai-concurrency 1 8 32`` also serves the same checkpoint with our OpenAI-compatible API (uvicorn in a thread)
+and prints the questions/s of the evaluation's OpenAI backend at each concurrency, and whether its answers equal the
+in-process batch-1 answers (measured on the 2-core dev box, tiny checkpoint, 32 questions, 16 new tokens, 1 thread:
+in-process batch 1 / 16: 45.8 / 200.4 q/s; OpenAI backend at concurrency 1 / 8 / 32: 34.2 / 78.9 / 105.0 q/s, answers
+identical).
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default on CPU: 1; on a shared 2-core machine, 2 threads made "
                              "every step 10-40x slower and hid the batching gain)")
+    parser.add_argument("--openai-concurrency", type=int, nargs="*", default=[],
+                        help="also measure the OpenAI backend against our API server at these concurrencies")
     parser.add_argument("--min-speedup", type=float, default=None,
                         help="exit 1 when the largest batch is less than this many times faster than the smallest")
     args = parser.parse_args(argv)
@@ -79,10 +87,47 @@ def main(argv: list[str] | None = None) -> int:
     speedup = rates[hi] / rates[lo]
     identical = all(t == texts[lo] for t in texts.values())
     print(f"speed-up batch {hi} vs {lo}: {speedup:.2f}x; greedy answers identical across batch sizes: {identical}")
+    if args.openai_concurrency:
+        for c, rate, same in _openai_rates(engine, questions, gen_kwargs, args.openai_concurrency, tmp, texts[lo]):
+            print(f"openai backend, concurrency {c:>3}: {rate:8.2f} questions/s; answers equal in-process: {same}")
     if args.min_speedup is not None and speedup < args.min_speedup:
         print(f"FAIL: speed-up {speedup:.2f}x < {args.min_speedup}x")
         return 1
     return 0
+
+
+def _openai_rates(engine, questions, gen_kwargs, concurrencies, tmp, reference):
+    """(concurrency, questions/s, answers equal ``reference``) against our API server on a free local port."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from piip_llava.evaluation.backends import OpenAIEngine
+    from piip_llava.evaluation.runner import read_answers, run_generation
+    from piip_llava.serve.api import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        for c in concurrencies:
+            client = OpenAIEngine(f"http://127.0.0.1:{port}/v1", concurrency=c)
+            out = tmp / f"openai_c{c}.jsonl"
+            t0 = time.perf_counter()
+            run_generation(questions, client, out, batch_size=4 * c, gen_kwargs=gen_kwargs, progress=False)
+            rate = len(questions) / (time.perf_counter() - t0)
+            client.close()
+            yield c, rate, [r["text"] for r in read_answers(out)] == reference
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 if __name__ == "__main__":
