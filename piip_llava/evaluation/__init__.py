@@ -1,7 +1,8 @@
-"""Benchmark logic for the LLaVA-1.5 / PIIP evaluation protocol (importable and unit-tested; CLIs live in eval/).
+"""Evaluation for the LLaVA-1.5 / PIIP protocol (importable and unit-tested; ``python -m piip_llava.evaluation``).
 
-Modules: ``runner`` (shared batched, sharded, resumable generation loop), ``textvqa``, ``mmbench``, ``benchmarks``
-(POPE, GQA, ScienceQA-IMG, SEED-I, VQAv2, MM-Vet), ``answer_processing`` (EvalAI normaliser), ``report``
-(paper-row table and chart), ``cli`` (flags shared by the eval CLIs). Nothing is imported here, so importing
-the package stays cheap.
+Modules: ``cli`` (the one skeleton and flag vocabulary), ``tasks`` (the registry: one module per benchmark),
+``task`` (what a benchmark provides), ``runner`` (batched, sharded, resumable generation loop), ``provenance``
+(what produced an answers file), ``backends`` (in-process engine or an OpenAI-compatible server), ``io`` (the answers
+and question readers), ``report`` (results tables, paper row, chart), ``eval_all``, ``answer_processing`` (EvalAI
+normaliser). Nothing is imported here, so importing the package stays cheap.
 """
