@@ -199,8 +199,9 @@ def test_queue_limit_answers_429_at_once(engine):
         sched.close()
 
 
-def test_disconnect_cancels_generation_and_health_stays_fast(server, scheduler):
-    body = {"messages": [user("tell me a long story")], "max_tokens": 400, "temperature": 0, "stream": True}
+def test_disconnect_cancels_generation_and_health_stays_fast(server, scheduler, engine):
+    room = engine.max_context - len(engine.prompt_ids(ChatRequest([{"role": "user", "content": "a story"}])))
+    body = {"messages": [user("a story")], "max_tokens": room, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=120,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         for line in r.iter_lines():
@@ -209,6 +210,7 @@ def test_disconnect_cancels_generation_and_health_stays_fast(server, scheduler):
         t0 = time.perf_counter()
         health = httpx.get(f"{server}/health", timeout=5)
         assert health.status_code == 200 and time.perf_counter() - t0 < 1.0
+        assert health.json()["busy"]  # answered while the generation runs
     deadline = time.time() + 30
     while scheduler.busy and time.time() < deadline:
         time.sleep(0.05)
@@ -250,3 +252,43 @@ def test_load_and_faults_bounded(tiny_ckpt):
     kinds = {k.split(":")[0] for k in result["by_kind"]}
     assert kinds == set(bench.KINDS), result["by_kind"]
     assert result["rss_peak_mb"] < result["rss_start_mb"] + 1024, result  # no runaway allocation
+
+
+def test_plain_request_whose_client_leaves_is_cancelled(server, scheduler, engine):
+    room = engine.max_context - len(engine.prompt_ids(ChatRequest([{"role": "user", "content": "a long answer"}])))
+    body = {"messages": [user("a long answer")], "max_tokens": room, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(60, read=0.3))
+    assert scheduler.busy  # still generating when the client left
+    deadline = time.time() + 30
+    while scheduler.busy and time.time() < deadline:
+        time.sleep(0.05)
+    assert not scheduler.busy  # the server noticed within its 0.5 s poll and freed the row
+
+
+class _FailingScheduler(BatchScheduler):
+    """Fault injection: every batch fails inside generation."""
+
+    def _run(self, jobs):
+        raise RuntimeError("injected failure")
+
+
+def test_generation_failure_is_a_500_error_object_and_the_server_survives(engine):
+    from piip_llava.serve.api import create_app
+
+    sched = _FailingScheduler(engine, max_batch_size=2, max_queue=4)
+    srv, thread = _serve(create_app(engine, "tiny", scheduler=sched), _port())
+    base = f"http://127.0.0.1:{srv.config.port}"
+    try:
+        body = {"messages": [user("hi")], "max_tokens": 4}
+        err = assert_error(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60), 500, "injected")
+        assert err["type"] == "server_error"
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = [ln for ln in r.iter_lines() if ln]
+        assert any('"server_error"' in ln for ln in lines) and lines[-1] == "data: [DONE]"
+        assert httpx.get(f"{base}/health", timeout=5).json()["status"] == "ok"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sched.close()
