@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from array import array
@@ -38,6 +39,11 @@ import numpy as np
 from piip_llava.constants import IMAGE_PLACEHOLDER
 
 _WS = " \t\r\n"
+_ID_RE = re.compile(r'"id"\s*:\s*("(?:[^"\\\n]|\\.){0,200}"|-?\d{1,20})')
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be read past some point; the message names the file, line, column and record."""
 
 
 @dataclass
@@ -127,19 +133,37 @@ def _iter_json_array(path: str, block_size: int, bar) -> Iterator[RawRecord]:
                 if not fill():
                     return False
 
+        def line_col(p: int) -> tuple[int, int]:
+            n = line + buf.count("\n", line_pos, p)
+            return n, p - (buf.rfind("\n", 0, p) + 1) + 1
+
+        def at(p: int) -> str:
+            n, col = line_col(p)
+            return f"line {n}, column {col} (byte {base + p})"
+
         def where(p: int) -> str:
-            return f"{path}: byte {base + p}, line {line + buf.count(chr(10), line_pos, p)}"
+            return f"{path}: {at(p)}"
+
+        def bad_record(start: int, err: json.JSONDecodeError, index: int) -> DataFormatError:
+            # the record's own start line and id, then where the decoder stopped (the same line for one-line records)
+            start_line, _ = line_col(start)
+            m = _ID_RE.search(buf, start, min(err.pos, start + 4096))
+            rid = f" (id {m.group(1)})" if m else ""
+            return DataFormatError(
+                f"{path}: record {index}{rid}, starting at line {start_line}, is not valid JSON: {err.msg} at "
+                f"{at(err.pos)}. Fix or remove this record: a JSON array cannot be read past a "
+                "broken element (JSONL files skip bad lines instead)")
 
         fill()
         if buf.startswith("\xef\xbb\xbf"):
             pos = 3
         if not skip_ws() or buf[pos] != "[":
-            raise ValueError(f"{where(pos)}: expected '[' at the start of a JSON array")
+            raise DataFormatError(f"{where(pos)}: expected '[' at the start of a JSON array")
         pos += 1
         index = 0
         while True:
             if not skip_ws():
-                raise ValueError(f"{where(pos)}: unexpected end of file inside the JSON array")
+                raise DataFormatError(f"{where(pos)}: unexpected end of file inside the JSON array")
             if buf[pos] == "]" and index == 0:
                 return
             while True:  # decode one element; a window that ends inside it is extended and decoded again
@@ -149,7 +173,7 @@ def _iter_json_array(path: str, block_size: int, bar) -> Iterator[RawRecord]:
                         break
                 except json.JSONDecodeError as e:
                     if eof:
-                        raise ValueError(f"{where(e.pos)}: invalid JSON in record {index}: {e.msg}") from None
+                        raise bad_record(pos, e, index) from None
                 fill()
             line += buf.count("\n", line_pos, pos)
             line_pos = pos
@@ -159,13 +183,13 @@ def _iter_json_array(path: str, block_size: int, bar) -> Iterator[RawRecord]:
             index += 1
             pos = end
             if not skip_ws():
-                raise ValueError(f"{where(pos)}: unexpected end of file after record {index - 1}")
+                raise DataFormatError(f"{where(pos)}: unexpected end of file after record {index - 1}")
             if buf[pos] == "]":
                 if bar is not None:
                     bar.update(base + pos - bar.n)
                 return
             if buf[pos] != ",":
-                raise ValueError(f"{where(pos)}: expected ',' or ']' after record {index - 1}")
+                raise DataFormatError(f"{where(pos)}: expected ',' or ']' after record {index - 1}")
             pos += 1
             if pos > block_size:  # drop the consumed prefix: the window stays ~2 blocks
                 line += buf.count("\n", line_pos, pos)
@@ -462,7 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.root)
-    report = build_mixture(recipe, args.out, progress=not args.no_progress, check_files=not args.no_check_files)
+    try:
+        report = build_mixture(recipe, args.out, progress=not args.no_progress, check_files=not args.no_check_files)
+    except (DataFormatError, FileNotFoundError) as e:  # a broken JSON array, a missing source file: one line
+        from piip_llava.models.loading import cli_error
+
+        return cli_error(e)
     for sname, srep in report["stages"].items():
         dropped = sum(sum(s["dropped"].values()) for s in srep["sources"])
         print(f"{sname}: wrote {srep['written']:,} records to {srep['output']} ({dropped:,} dropped)")

@@ -484,12 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tower-config", default=None, help="path of the official tower .py config (overrides mm_vision_tower)")
     parser.add_argument("--infer-from-weights", action="store_true",
                         help="derive unknown branch architectures from the checkpoint's tensor shapes")
+    parser.add_argument("--debug", action="store_true", help="a traceback instead of a one-line error (or PIIP_DEBUG=1)")
     args = parser.parse_args(argv)
+    from .loading import check_checkpoint, cli_error
+
     try:
+        check_checkpoint(args.src, "official", "src")  # a missing folder / config / weights, or one of ours
         config = convert_checkpoint(args.src, args.dst, args.tower_config, args.infer_from_weights)
-    except (ValueError, OSError) as e:  # ConversionError, invalid resulting config, unreadable files
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:  # CheckpointError, ConversionError, invalid resulting config, unreadable files
+        return cli_error(e, args.debug)
     vc = config.vision_config
     print(f"converted {args.src} -> {args.dst}: {vc.num_branches} branch(es), {vc.num_interactions} interaction(s), "
           f"{config.num_image_tokens} visual tokens, projector {config.projector_type}")

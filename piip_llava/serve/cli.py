@@ -150,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         parser.error("need --temperature >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1")
 
-    engine = load_engine(args)
+    from ..models.loading import CheckpointError, cli_error
+
+    try:
+        engine = load_engine(args)
+    except CheckpointError as e:  # a bad --model: one line naming the file, exit 1 (PIIP_DEBUG=1: traceback)
+        return cli_error(e)
     chat = TerminalChat(engine, args.temperature, args.top_p, args.max_new_tokens)
     chat.notice(f"model {args.model} loaded on {engine.device}; {HELP}")
     if args.image:

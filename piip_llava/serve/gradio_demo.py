@@ -266,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         auth = (user, password)
     if args.share and auth is None and not args.share_without_auth:
         parser.error("--share makes the demo public: give --auth USER:PASSWORD (or --share-without-auth)")
-    engine = load_engine(args)
+    from ..models.loading import CheckpointError, cli_error
+
+    try:
+        engine = load_engine(args)
+    except CheckpointError as e:  # a bad --model: one line naming the file, exit 1 (PIIP_DEBUG=1: traceback)
+        return cli_error(e)
     demo = build_demo(engine, concurrency_limit=args.concurrency, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, max_queue=args.max_queue)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth)

@@ -145,24 +145,28 @@ class InferenceEngine:
                 load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=dt,
                 llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
             )
-        adapter_cfg = os.path.join(model_path, "adapter_config.json")
+        from ..models.loading import adapter_base, check_checkpoint, check_tokenizer
+
+        # fail before building anything, with one message naming the file (missing folder, config, weights...)
+        kind = check_checkpoint(model_path, ("piip_llava", "official", "lora_adapter"), "model")
         tokenizer_path = model_path
-        if os.path.isfile(adapter_cfg):
+        if kind == "lora_adapter":
             from peft import PeftModel
 
-            with open(adapter_cfg, encoding="utf-8") as f:
-                base = lora_base or json.load(f).get("base_model_name_or_path")
-            if not base:
-                raise ValueError(f"{adapter_cfg} names no base model; pass lora_base")
-            model = PiipLlavaForConditionalGeneration.from_pretrained(base, **kwargs)
-            model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
+            base = adapter_base(model_path, lora_base)
+            check_checkpoint(base, "piip_llava", f"the LoRA base (of adapter {model_path})")
             if not os.path.isfile(os.path.join(model_path, "tokenizer_config.json")):
                 tokenizer_path = base
-        elif _is_official_checkpoint(model_path):
+            check_tokenizer(tokenizer_path, "model")
+            model = PiipLlavaForConditionalGeneration.from_pretrained(base, **kwargs)
+            model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
+        elif kind == "official":
             from ..models.convert_official import load_official_checkpoint
 
+            check_tokenizer(tokenizer_path, "model")
             model = load_official_checkpoint(model_path).to(dt)
         else:
+            check_tokenizer(tokenizer_path, "model")
             model = PiipLlavaForConditionalGeneration.from_pretrained(model_path, **kwargs)
         if "quantization_config" not in kwargs:
             model = model.to(dev)
@@ -321,8 +325,9 @@ class InferenceEngine:
 
 
 def _is_official_checkpoint(path: str) -> bool:
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
+    from ..models.loading import CheckpointError, checkpoint_kind
+
+    try:
+        return checkpoint_kind(path) == "official"
+    except CheckpointError:
         return False
-    with open(cfg, encoding="utf-8") as f:
-        return json.load(f).get("model_type") == "llava_llama"

@@ -9,34 +9,27 @@ The adapter folder holds the LoRA matrices of the LLM plus the fully trained pro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 
 from ..data.tokenizer import load_tokenizer
-from ..models import PiipLlavaForConditionalGeneration, save_processor
+from ..models import PiipLlavaForConditionalGeneration, loading, save_processor
 
 
 def adapter_base(adapter_dir: str, base: str | None = None) -> str:
     """The base checkpoint of an adapter folder (explicit `base` wins)."""
-    if base:
-        return base
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter folder)")
-    with open(path, encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{path} names no base model; pass --base")
-    return base
+    return loading.adapter_base(adapter_dir, base)
 
 
 def load_adapter_model(adapter_dir: str, base: str | None = None, dtype: torch.dtype = torch.float32):
-    """Base checkpoint + adapter -> the (unmerged) `PeftModel`."""
+    """Base checkpoint + adapter -> the (unmerged) `PeftModel`; CheckpointError for a bad adapter or base folder."""
     from peft import PeftModel
 
-    model = PiipLlavaForConditionalGeneration.from_pretrained(adapter_base(adapter_dir, base), dtype=dtype)
+    loading.check_checkpoint(adapter_dir, "lora_adapter", "--adapter")
+    base = adapter_base(adapter_dir, base)
+    loading.check_checkpoint(base, "piip_llava", f"the LoRA base (of adapter {adapter_dir})")
+    model = PiipLlavaForConditionalGeneration.from_pretrained(base, dtype=dtype)
     return PeftModel.from_pretrained(model, adapter_dir)
 
 
@@ -59,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder for the merged checkpoint")
     parser.add_argument("--base", default=None, help="base checkpoint [the adapter's base_model_name_or_path]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--debug", action="store_true", help="a traceback instead of a one-line error (or PIIP_DEBUG=1)")
     args = parser.parse_args(argv)
-    merge_lora(args.adapter, args.out, args.base, getattr(torch, args.dtype))
+    try:
+        merge_lora(args.adapter, args.out, args.base, getattr(torch, args.dtype))
+    except loading.CheckpointError as e:
+        return loading.cli_error(e, args.debug)
     print(f"merged checkpoint: {os.path.abspath(args.out)}")
     return 0
 

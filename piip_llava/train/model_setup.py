@@ -28,6 +28,7 @@ from torch import nn
 
 from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, load_preset, save_processor
 from ..models.builder import build_model
+from ..models.loading import check_checkpoint
 from .arguments import ModelArguments, PiipTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def pick_attn_implementation() -> str:
 
 def load_config(model_args: ModelArguments) -> PiipLlavaConfig:
     if model_args.model_name_or_path:
+        check_checkpoint(model_args.model_name_or_path, "piip_llava", "--model_name_or_path")
         return PiipLlavaConfig.from_pretrained(model_args.model_name_or_path)
     return load_preset(model_args.preset or model_args.config)
 
@@ -71,6 +73,7 @@ def build_base_model(model_args: ModelArguments, attn_implementation: str | None
     """
     attn = attn_implementation or pick_attn_implementation()
     if model_args.model_name_or_path:
+        check_checkpoint(model_args.model_name_or_path, "piip_llava", "--model_name_or_path")  # CheckpointError
         return PiipLlavaForConditionalGeneration.from_pretrained(
             model_args.model_name_or_path, dtype=torch.float32, attn_implementation=attn)
     config = load_config(model_args)

@@ -76,3 +76,64 @@ stages:
     assert (tmp_path / "out2" / "finetune.jsonl").read_text() == (out / "finetune.jsonl").read_text()
     # the output is itself a valid LLaVA JSONL file
     assert sum(1 for r in iter_records(str(out / "finetune.jsonl")) if r.error is None) == len(lines)
+
+
+def _records(n):
+    return [{"id": f"r{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a thing"}]} for i in range(n)]
+
+
+def _read_all(path, block_size=1 << 24):
+    return [r.obj for r in iter_records(str(path), block_size=block_size)]
+
+
+def test_broken_element_of_an_indented_array_is_named_at_its_own_line(tmp_path):
+    """LLaVA's files are `json.dump(..., indent=2)`: record 7 loses a comma; the message names record 7, its id, the
+    line where it starts and the line and column where reading stopped (both inside it), not the end of the file."""
+    import pytest
+
+    from piip_llava.data.mixture import DataFormatError
+
+    lines = json.dumps(_records(12), indent=2).split("\n")
+    start = next(i for i, line in enumerate(lines) if '"id": "r7"' in line) - 1  # the line of its `{`
+    lines[start + 2] = lines[start + 2].rstrip(",")  # `"image": "7.png"` without its comma
+    path = tmp_path / "indented.json"
+    path.write_text("\n".join(lines) + "\n")
+    for block_size in (64, 1 << 24):  # a window that ends inside the record reads the same
+        with pytest.raises(DataFormatError) as e:
+            _read_all(path, block_size)
+        msg = str(e.value)
+        assert msg.startswith(f'{path}: record 7 (id "r7"), starting at line {start + 1}, is not valid JSON: '
+                              f"Expecting ',' delimiter at line {start + 4}, column 5"), msg
+        assert start + 4 < len(lines) - 2  # its own lines, well before the end of the file
+
+
+def test_broken_element_of_a_one_record_per_line_array(tmp_path):
+    import pytest
+
+    from piip_llava.data.mixture import DataFormatError
+
+    rows = [json.dumps(r) for r in _records(30)]
+    rows[21] = rows[21].replace('"image": "21.png"', '"image": 21.png"')
+    path = tmp_path / "rows.json"
+    path.write_text("[\n" + ",\n".join(rows) + "\n]\n")
+    with pytest.raises(DataFormatError, match=r'record 21 \(id "r21"\), starting at line 23, is not valid JSON: '
+                                              r"Expecting ',' delimiter at line 23, column 26"):
+        _read_all(path)
+
+
+def test_training_exits_1_with_the_data_error_and_no_traceback(tmp_path, tokenizer_dir, capsys):
+    from piip_llava.train.train import main
+
+    rows = [json.dumps(r) for r in _records(5)]
+    rows[3] = rows[3][:-1]  # the closing brace of record 3 is gone
+    data = tmp_path / "bad.json"
+    data.write_text("[\n" + ",\n".join(rows) + "\n]\n")
+    argv = ["--stage", "2", "--preset", "tiny-piip2_clip_64-128", "--tokenizer_path", tokenizer_dir,
+            "--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
+    assert main(argv) == 1
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.strip() and "reading " not in line]  # not the progress bar
+    assert "Traceback" not in stderr
+    assert len(err) == 1 and err[0].startswith(f'error: {data}: record 3 (id "r3"), starting at line 5, is not valid '
+                                               "JSON"), err
