@@ -5,7 +5,8 @@
 
 Launch multi-process with `torchrun` or `deepspeed` (see scripts/pretrain_piip_llava.sh). Stage 1 writes
 `OUT/mm_projector.safetensors` + `config.json`; stage 2 writes a full `save_pretrained` checkpoint (or a LoRA adapter
-folder with its `base/`) + tokenizer. `--resume auto` continues from the last `OUT/checkpoint-*`.
+folder with its `base/`) + tokenizer. `--resume auto` continues from the newest complete `OUT/checkpoint-N` (checkpoints
+are written under `OUT/.saving/` and renamed into place when complete; see `checkpoints.py`).
 """
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDatas
 from ..data.tokenizer import load_tokenizer
 from ..models import (PiipLlavaConfig, PiipLlavaForConditionalGeneration, PiipLlavaImageProcessor, PiipLlavaProcessor,
                       align_image_token_id)
+from ..data.mixture import DataFormatError
+from ..models.loading import CheckpointError, cli_error
 from .arguments import DataArguments, ModelArguments, PiipTrainingArguments, parse_args
 from .model_setup import (apply_lora, build_training_model, check_tokenizer_fits, full_model_init,
                           save_stage1_weights, unwrap_piip)
+from .checkpoints import check_resume_folder, resolve_auto_resume
+from .lifeline import watch_launcher
 from .trainer import PiipTrainer, ProgressLogCallback
 
 logger = logging.getLogger("piip_llava.train")
@@ -74,16 +79,14 @@ def apply_gradient_checkpointing(model: PiipLlavaForConditionalGeneration, args:
 
 
 def resolve_resume(args: PiipTrainingArguments) -> str | None:
-    """`--resume auto`: the last checkpoint in output_dir (None when there is none); else the given folder."""
+    """`--resume auto`: the newest complete checkpoint in output_dir (None: start at step 0), logging every newer
+    incomplete one it skips and why; `--resume PATH`: that folder, which must be complete (CheckpointError)."""
     if not args.resume:
         return None
     if args.resume != "auto":
+        check_resume_folder(args.resume)
         return args.resume
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-    logger.info("resume auto: %s", last or "no checkpoint yet, starting fresh")
-    return last
+    return resolve_auto_resume(args.output_dir)
 
 
 def save_final(trainer: PiipTrainer, args: PiipTrainingArguments, tokenizer) -> str:
@@ -116,9 +119,18 @@ def prepare_model(model_args: ModelArguments, data_args: DataArguments, args: Pi
 
 
 def main(argv: list[str] | None = None) -> int:
+    watch_launcher()  # under a launcher: stop when it is gone (a SIGKILL of the launch script's group)
     model_args, data_args, args = parse_args(argv)
     setup_logging(args)
+    try:
+        return train(model_args, data_args, args)
+    except (CheckpointError, DataFormatError) as e:  # one line naming the file (PIIP_DEBUG=1: the traceback)
+        return cli_error(e) if args.should_log else 1
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: PiipTrainingArguments) -> int:
     logger.info("world size %d (%s), stage %d, tune %s", args.world_size, args.parallel_mode.value, args.stage, args.tune)
+    resume = resolve_resume(args)  # before building anything: a bad --resume fails in a second
     tokenizer = load_tokenizer(model_args.tokenizer_path, model_max_length=data_args.model_max_length)
     model = prepare_model(model_args, data_args, args, tokenizer)
     # the processor (tokenizer + `<image>` + image processor + chat template + code) is saved with every checkpoint
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         module_lrs={"branches": args.vision_lr, "interactions": args.interaction_lr, "projector": args.projector_lr},
         callbacks=[ProgressLogCallback()],
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(args))
+    trainer.train(resume_from_checkpoint=resume)
     out = save_final(trainer, args, processor)
     if args.should_log:
         print(f"final checkpoint: {out}", flush=True)

@@ -4,6 +4,9 @@ What it adds, and nothing else:
 * optimizer param groups from the model hooks (`param_groups()` -> branches / interactions / projector / llm, each
   with its own LR; `no_weight_decay()` -> weight decay 0), also under peft (LoRA matrices join the `llm` group);
 * LLaVA-1.5's modality- and length-grouped sampler when `group_by_modality_length`;
+* checkpoints that are complete or absent: each `checkpoint-N` is written under `OUT/.saving/` and renamed into
+  place once every rank has finished writing it (see `piip_llava.train.checkpoints`), so a kill during a save
+  never leaves a `checkpoint-N` that `--resume auto` would pick and fail on;
 * throughput and data-quality metrics in every training log: `samples_per_second`, `tokens_per_second`
   (non-padding tokens incl. visual tokens, all ranks), `skipped_records` (since the last log) and
   `skipped_records_total`. Skips are counted inside the dataset (possibly in DataLoader workers), travel in the
@@ -12,6 +15,8 @@ What it adds, and nothing else:
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from typing import Any
 
@@ -20,6 +25,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..data.sampler import LengthGroupedSampler
+from .checkpoints import STAGING_DIR, TRAINER_STATE, publish_checkpoint, rotate_checkpoints
 from .model_setup import unwrap_piip
 
 logger = logging.getLogger(__name__)
@@ -63,6 +69,7 @@ class PiipTrainer(Trainer):
         self._counts = torch.zeros(3, dtype=torch.float64)  # samples, tokens, skipped since the last log
         self._last_log_time: float | None = None
         self._skipped_total: int | None = None
+        self._staging_root: str | None = None  # set while a checkpoint is being written (see _save_checkpoint)
 
     # ---- data order ----
     def _get_train_sampler(self, train_dataset=None):
@@ -86,6 +93,34 @@ class PiipTrainer(Trainer):
             self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups],
                                            lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    # ---- checkpoints: written under OUT/.saving/, renamed into place when complete ----
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save:  # leftovers of a save that a kill interrupted
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)  # every rank writes its part; the Trainer's rotation sees only this one
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()  # all ranks' files (DeepSpeed shards, RNG states) are on disk
+        if not self.args.should_save:
+            return
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        best = self.state.best_model_checkpoint
+        if best and os.path.abspath(best).startswith(os.path.abspath(staging_root) + os.sep):
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
+        publish_checkpoint(staged, final)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        rotate_checkpoints(run_dir, self.args.save_total_limit, final, (self.state.best_model_checkpoint,))
 
     # ---- metrics ----
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
