@@ -3,7 +3,10 @@
 # gradient accumulation, model / DeepSpeed / precision flags, and the launch (DeepSpeed hostfile, torchrun on GPUs,
 # torchrun on the CPU). Expects STAGE, TUNE, LR, PER_DEVICE_BATCH, DEFAULT_GLOBAL_BATCH, ZERO, TEMPLATE, ASPECT,
 # SAVE_STEPS, EXTRA_STAGE_ARGS, SCRIPT_DIR, REPO, PYTHON from the caller; "$@" are extra train flags.
+# Stopping the script stops the training: SIGTERM / SIGINT (Ctrl-C) reach torchrun, which stops its workers; after a
+# SIGKILL the workers (in sessions of their own) see that this script ($PIIP_LAUNCHER) is gone and exit within a second.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PIIP_LAUNCHER="$(hostname):$$"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
 HAS_GPU="$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')"
 if [ -n "${HOSTFILE:-}" ]; then
@@ -31,7 +34,10 @@ echo "world size $WORLD, per-device batch $PER_DEVICE_BATCH, gradient accumulati
      "global batch $(( PER_DEVICE_BATCH * WORLD * GRAD_ACC ))"
 
 MODEL_ARGS=()
-if [ -n "${MODEL_PATH:-}" ]; then MODEL_ARGS+=(--model_name_or_path "$MODEL_PATH")
+if [ -n "${MODEL_PATH:-}" ]; then
+  # a bad checkpoint fails here with one line naming the file, not in every worker under torchrun's report
+  "$PYTHON" -m piip_llava.models.loading "$MODEL_PATH" --expect piip_llava --role MODEL_PATH >/dev/null
+  MODEL_ARGS+=(--model_name_or_path "$MODEL_PATH")
 elif [ -n "${CONFIG:-}" ]; then MODEL_ARGS+=(--config "$CONFIG")
 else MODEL_ARGS+=(--preset "${PRESET:-piip-llava_clip-bl_512-448_7B}"); fi
 [ -n "${LLM_PATH:-}" ] && MODEL_ARGS+=(--llm_path "$LLM_PATH")

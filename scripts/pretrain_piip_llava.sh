@@ -12,7 +12,8 @@
 #   schedule   LR (1e-3), EPOCHS (1), MAX_STEPS (-1: epochs decide), WARMUP (0.03: a ratio of the steps; >= 1: steps), WEIGHT_DECAY (0), SEED (42)
 #   batch      PER_DEVICE_BATCH (32), GLOBAL_BATCH (256), GRAD_ACC (default GLOBAL_BATCH / (PER_DEVICE_BATCH x world);
 #              on a machine without GPU default 1 unless GLOBAL_BATCH is set)
-#   output     OUTPUT_DIR, SAVE_STEPS (24000), SAVE_TOTAL_LIMIT (1), LOGGING_STEPS (1), RESUME (auto), REPORT_TO (none)
+#   output     OUTPUT_DIR, SAVE_STEPS (24000), SAVE_TOTAL_LIMIT (1), LOGGING_STEPS (1), REPORT_TO (none)
+#              RESUME (auto: the newest complete OUTPUT_DIR/checkpoint-N; a checkpoint folder; none: step 0)
 #   trainable  TUNE (projector | projector+interactions)
 #   launch     ZERO (2 | 3 | 3_offload | none), PRECISION (bf16 | fp16 | fp32; GPU only), GRAD_CKPT (true)
 #              GPU, one node:  NUM_GPUS (all visible)

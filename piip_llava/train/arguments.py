@@ -92,7 +92,8 @@ class PiipTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "keep False: the batch carries pixel_values and num_skipped"})
     resume: str | None = field(
-        default=None, metadata={"help": "'auto': the newest complete checkpoint in output_dir (if any); or a checkpoint folder"})
+        default=None, metadata={"help": "'auto': the newest complete checkpoint in output_dir (if any); a checkpoint "
+                                        "folder; 'none': start at step 0"})
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):

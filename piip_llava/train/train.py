@@ -80,8 +80,9 @@ def apply_gradient_checkpointing(model: PiipLlavaForConditionalGeneration, args:
 
 def resolve_resume(args: PiipTrainingArguments) -> str | None:
     """`--resume auto`: the newest complete checkpoint in output_dir (None: start at step 0), logging every newer
-    incomplete one it skips and why; `--resume PATH`: that folder, which must be complete (CheckpointError)."""
-    if not args.resume:
+    incomplete one it skips and why; `--resume PATH`: that folder, which must be complete (CheckpointError);
+    `--resume none`: step 0."""
+    if not args.resume or args.resume == "none":
         return None
     if args.resume != "auto":
         check_resume_folder(args.resume)
