@@ -146,6 +146,7 @@ class BatchScheduler:
         self.busy = False
         self.batches_run = 0
         self.largest_batch = 0
+        self.tokens_generated = 0  # over all rows, for /health and tests
         self._thread = threading.Thread(target=self._loop, name="piip-batch-scheduler", daemon=True)
         self._thread.start()
 
@@ -234,8 +235,11 @@ class BatchScheduler:
         stopper = _RowStopper(jobs, engine, inputs["input_ids"].shape[1], eos_ids)
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(jobs))
-        with engine._lock:
-            engine.model.generate(**inputs, stopping_criteria=[stopper], **kwargs)
+        try:
+            with engine._lock:
+                engine.model.generate(**inputs, stopping_criteria=[stopper], **kwargs)
+        finally:
+            self.tokens_generated += sum(len(j.token_ids) for j in jobs)
         for i, job in enumerate(jobs):  # rows the loop ended without the stopper (e.g. the context was full)
             if not stopper.done[i]:
                 stopper._finish(i, "length")

@@ -202,11 +202,16 @@ def test_queue_limit_answers_429_at_once(engine):
 def test_disconnect_cancels_generation_and_health_stays_fast(server, scheduler, engine):
     room = engine.max_context - len(engine.prompt_ids(ChatRequest([{"role": "user", "content": "a story"}])))
     body = {"messages": [user("a story")], "max_tokens": room, "temperature": 0, "stream": True, "ignore_eos": True}
+    before = scheduler.tokens_generated
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=120,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
-        for line in r.iter_lines():
-            if '"content"' in line and '"content": ""' not in line:
-                break  # first real token: now go away
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response, i.e. disconnects
+        first = next(lines)  # the role chunk: the request is admitted
+        assert r.status_code == 200 and "assistant" in first, (r.status_code, first)
+        deadline = time.time() + 30
+        while not scheduler.busy:
+            assert time.time() < deadline, (scheduler.batches_run, scheduler.tokens_generated, scheduler.waiting)
+            time.sleep(0.01)
         t0 = time.perf_counter()
         health = httpx.get(f"{server}/health", timeout=5)
         assert health.status_code == 200 and time.perf_counter() - t0 < 1.0
@@ -214,7 +219,8 @@ def test_disconnect_cancels_generation_and_health_stays_fast(server, scheduler, 
     deadline = time.time() + 30
     while scheduler.busy and time.time() < deadline:
         time.sleep(0.05)
-    assert not scheduler.busy  # the 400-token generation was stopped, not run to the end
+    assert not scheduler.busy
+    assert scheduler.tokens_generated - before < room  # stopped, not run to the end
     # a non-streamed request then runs at once
     t0 = time.perf_counter()
     assert post(server, {"messages": [user("hi")], "max_tokens": 2}).status_code == 200
