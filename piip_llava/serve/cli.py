@@ -30,9 +30,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="checkpoint folder (this project's, a LoRA adapter, or official)")
     g.add_argument("--lora-base", default=None, help="base checkpoint of a LoRA adapter (default: from the adapter)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"],
                    help="default: bf16/fp16 on GPU, fp32 on CPU")
-    g.add_argument("--template", default=None, help="conversation template (default: the checkpoint's)")
+    g.add_argument("--conv-mode", "--template", dest="template", default=None,
+                   help="conversation template (default: the checkpoint's)")
     g.add_argument("--max-image-pixels", type=int, default=None, help="refuse images with more pixels than this")
     q = g.add_mutually_exclusive_group()
     q.add_argument("--load-4bit", action="store_true", help="4-bit weights (bitsandbytes, CUDA only)")
