@@ -32,6 +32,7 @@ KINDS: tuple[Kind, ...] = ("piip_llava", "official", "lora_adapter")
 MODEL_TYPES = {"piip_llava": "piip_llava", "llava_llama": "official"}  # config.json model_type -> kind
 PROJECTOR_FILE = "mm_projector.safetensors"  # stage-1 output (see piip_llava.train.model_setup)
 DEBUG_ENV = "PIIP_DEBUG"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json")  # any one of them
 CONVERT_HINT = "convert it first: python -m piip_llava.models.convert_official {path} OUT_DIR, then use OUT_DIR"
 FOLDER_HINT = ("give the folder that holds config.json and the weights: a training OUTPUT_DIR after training "
                "finished, one of its checkpoint-N folders, or the output of convert_official / merge_lora")
@@ -224,7 +225,7 @@ def _wrong_kind(path: str, role: str, kind: Kind, expect: Sequence[Kind]) -> Che
 
 
 def _check_ours(path: str, role: str) -> None:
-    files = weight_files(path)
+    files = weight_files(path, ("model.safetensors", "pytorch_model.bin"))
     if not files:
         if os.path.isfile(os.path.join(path, PROJECTOR_FILE)):
             raise CheckpointError(f"{role} {path}: is a stage-1 output (projector weights only, {PROJECTOR_FILE}), not a "
@@ -291,8 +292,8 @@ def check_checkpoint(path: str, expect: Kind | Sequence[Kind] = "piip_llava", ro
 
 
 def check_tokenizer(path: str, role: str = "checkpoint") -> None:
-    """Folder `path` holds a tokenizer (`tokenizer.json` or a SentencePiece `tokenizer.model`)."""
-    if not any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model")):
+    """Folder `path` holds a tokenizer (`tokenizer.json`, a SentencePiece model or a BPE `vocab.json`)."""
+    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
         raise CheckpointError(f"{role} {path}: no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer "
                               "files of the model into it")
     if os.path.isfile(os.path.join(path, "tokenizer_config.json")):

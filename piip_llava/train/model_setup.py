@@ -28,7 +28,7 @@ from torch import nn
 
 from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, load_preset, save_processor
 from ..models.builder import build_model
-from ..models.loading import check_checkpoint
+from ..models.loading import CheckpointError, check_checkpoint, check_safetensors
 from .arguments import ModelArguments, PiipTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,14 @@ def projector_paths(path: str) -> tuple[str, str | None]:
     """Stage-1 output folder or projector file -> (projector file, interactions file or None)."""
     folder, proj = (path, os.path.join(path, PROJECTOR_FILE)) if os.path.isdir(path) else (os.path.dirname(path), path)
     if not os.path.isfile(proj):
-        raise ValueError(f"--pretrained_projector {path}: no {PROJECTOR_FILE} there (run stage 1 first)")
+        raise CheckpointError(f"--pretrained_projector {path}: no {PROJECTOR_FILE} there (give the stage-1 OUTPUT_DIR "
+                              "after stage 1 finished, or run stage 1 first)")
     inter = os.path.join(folder, INTERACTIONS_FILE)
-    return proj, inter if os.path.isfile(inter) else None
+    inter = inter if os.path.isfile(inter) else None
+    for file in (proj, inter):
+        if file is not None:
+            check_safetensors(file)  # a cut file: CheckpointError naming it
+    return proj, inter
 
 
 def load_pretrained_projector(model: PiipLlavaForConditionalGeneration, path: str) -> list[str]:
@@ -103,12 +108,12 @@ def load_pretrained_projector(model: PiipLlavaForConditionalGeneration, path: st
         state = load_file(file)
         bad = [k for k in state if not k.startswith(prefix)]
         if bad:
-            raise ValueError(f"{file}: keys outside {prefix}*: {bad[:5]}")
+            raise CheckpointError(f"{file}: keys outside {prefix}*: {bad[:5]} (not a stage-1 output of this project)")
         # the files keep LLaVA's `mm_projector` names (`multi_modal_projector.*`); in the model they live under `model.`
         expected = {k[len("model."):] for k in model.state_dict() if k.startswith("model." + prefix)}
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
-            raise ValueError(f"{file} does not match the model: missing {sorted(missing)[:5]}, "
+            raise CheckpointError(f"{file} does not match the model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]} (was stage 1 run with the same preset?)")
         model.load_state_dict({"model." + k: v for k, v in state.items()}, strict=False)
         loaded.extend(state)

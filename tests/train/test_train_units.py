@@ -115,3 +115,11 @@ def test_stage1_weights_round_trip(model, tmp_path):
             if k.startswith(("model.multi_modal_projector.", "model.vision_tower.interactions."))} == set(loaded)
     with pytest.raises(ValueError, match="no mm_projector"):
         load_pretrained_projector(fresh, str(tmp_path / "missing"))
+    # an interrupted copy of the stage-1 output: the cut file is named (CheckpointError, one line in the CLI)
+    from piip_llava.models.loading import CheckpointError
+
+    inter = tmp_path / "mm_interactions.safetensors"
+    with open(inter, "r+b") as f:
+        f.truncate(inter.stat().st_size - 10)
+    with pytest.raises(CheckpointError, match=r"mm_interactions\.safetensors: truncated"):
+        load_pretrained_projector(fresh, str(tmp_path))
