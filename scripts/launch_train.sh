@@ -6,7 +6,7 @@
 # Stopping the script stops the training: SIGTERM / SIGINT (Ctrl-C) reach torchrun, which stops its workers; after a
 # SIGKILL the workers (in sessions of their own) see that this script ($PIIP_LAUNCHER) is gone and exit within a second.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export PIIP_LAUNCHER="$(hostname):$$"
+export PIIP_LAUNCHER="${HOSTNAME:-$(uname -n)}:$$"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
 HAS_GPU="$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')"
 if [ -n "${HOSTFILE:-}" ]; then

@@ -146,3 +146,27 @@ def test_a_bad_model_path_fails_before_torchrun_with_one_line(tmp_path, data):
         "convert_official / merge_lora. A checkpoint on the Hugging Face Hub must be downloaded first "
         "(hf download ORG/NAME --local-dir DIR)"]
     assert "torch.distributed" not in proc.stdout + proc.stderr and not os.path.exists(tmp_path / "out")
+
+
+def test_only_a_launcher_on_this_host_is_watched():
+    from piip_llava.train.lifeline import launch_script_pid, watch_launcher
+
+    host = socket.gethostname()
+    assert launch_script_pid({"PIIP_LAUNCHER": f"{host}:4242"}) == 4242
+    assert launch_script_pid({"PIIP_LAUNCHER": "another-node:4242"}) is None  # a remote node's pid means nothing here
+    assert launch_script_pid({"PIIP_LAUNCHER": "garbage"}) is None
+    assert watch_launcher({}) is None  # `python -m piip_llava.train` without a launcher (e.g. under nohup)
+
+
+def test_a_worker_whose_launch_script_is_gone_exits(tmp_path):
+    """A child process watching a pid that has exited stops by itself with status 1 and says why."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    code = ("import time; from piip_llava.train.lifeline import watch_launcher; "
+            "assert watch_launcher(period=0.1) is not None; time.sleep(30)")
+    env = dict(os.environ, PIIP_LAUNCHER=f"{socket.gethostname()}:{gone.pid}")
+    env.pop("LOCAL_RANK", None)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - t0 < 25
+    assert f"the launch script (pid {gone.pid}) has exited: stopping training process" in proc.stderr
