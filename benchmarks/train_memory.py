@@ -41,7 +41,9 @@ def measure(preset: str, tune: str, batch: int, seq: int, checkpointing: bool) -
     model = PiipLlavaForConditionalGeneration(config).train()
     apply_tune_policy(model, tune)
     if checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm = model.language_model  # transformers >= 5.2x renamed the switch
+        (llm.activation_checkpointing_enable if hasattr(llm, "activation_checkpointing_enable")
+         else llm.gradient_checkpointing_enable)({"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     n_img = config.num_image_tokens
     ids = torch.randint(3, min(500, config.text_config.vocab_size), (batch, seq))
