@@ -84,20 +84,18 @@ def check_safetensors(path: str) -> None:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise _truncated(path, size, 8)
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise _truncated(path, size, 8 + n)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if n is None or n > size - 8:
+                raise _truncated(path, size, 8 if n is None else 8 + n)
             header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
+    except CheckpointError:
+        raise
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, IndexError, TypeError):
         raise CheckpointError(f"{path}: not a safetensors file (unreadable header); it is damaged: copy the "
                               "checkpoint again") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
     expected = 8 + n + max(ends, default=0)
     if size < expected:
         raise _truncated(path, size, expected)
