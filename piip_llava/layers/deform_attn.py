@@ -95,7 +95,9 @@ class DeformableAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Plain multi-head cross-attention (`normal` interactions): no qkv bias, output projection with bias."""
+    """Plain multi-head cross-attention (`normal` interactions): no qkv bias, output projection with bias, scale
+    1/sqrt(d/heads), no dropout. The official `CrossAttention` computes the same with separate `wq`, `wk`, `wv`;
+    `kv` holds `wk` then `wv` stacked along the output rows (the converter stacks them)."""
 
     def __init__(self, d_model: int, d_feat: int, num_heads: int = 16) -> None:
         super().__init__()

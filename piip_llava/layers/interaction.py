@@ -30,11 +30,14 @@ class InteractionConfig:
     cffn_ratio: float = 0.25
     drop_path_rate: float = 0.4
     with_proj: bool = True
+    norm: Literal["ln", "none"] = "ln"  # official `norm_layer`: LayerNorm, or none (identity) for all three norms
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.attn_type not in ("deform", "normal"):
             raise ValueError(f"interaction attn_type must be 'deform' or 'normal', got {self.attn_type!r}")
+        if self.norm not in ("ln", "none"):
+            raise ValueError(f"interaction norm must be 'ln' or 'none', got {self.norm!r}")
         if self.num_heads <= 0 or self.n_points <= 0:
             raise ValueError("interaction num_heads and n_points must be positive")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -88,12 +91,20 @@ class ConvFFN(nn.Module):
 
 
 class Injector(nn.Module):
-    """q' = q + g_ca * Attn(LN(q), LN(f)); q'' = q' + g_ffn * DropPath(ConvFFN(LN(q'))). Gates start at zero."""
+    """q' = q + g_ca * Attn(LN(q), LN(f)); q'' = q' + g_ffn * DropPath(ConvFFN(LN(q'))). Gates start at zero.
+
+    With `norm='none'` the three LNs are identities (official `norm_layer="none"`); without ConvFFN
+    (`with_cffn=False`) the official module has no `ffn`, `ffn_norm` or `cffn_weight` parameters, nor does this one.
+    """
 
     def __init__(self, dim: int, feat_dim: int, cfg: InteractionConfig) -> None:
         super().__init__()
-        self.query_norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.feat_norm = nn.LayerNorm(feat_dim, eps=cfg.norm_eps)
+
+        def norm(width: int) -> nn.Module:
+            return nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.norm == "ln" else nn.Identity()
+
+        self.query_norm = norm(dim)
+        self.feat_norm = norm(feat_dim)
         if cfg.attn_type == "deform":
             self.attn = DeformableAttention(dim, feat_dim, cfg.num_heads, cfg.n_points, cfg.deform_ratio)
         else:
@@ -102,7 +113,7 @@ class Injector(nn.Module):
         self.with_cffn = cfg.with_cffn
         if cfg.with_cffn:
             self.ffn = ConvFFN(dim, int(dim * cfg.cffn_ratio))
-            self.ffn_norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+            self.ffn_norm = norm(dim)
             self.cffn_weight = nn.Parameter(torch.zeros(dim))
             self.drop_path = DropPath(cfg.drop_path_rate) if cfg.drop_path_rate > 0 else nn.Identity()
 

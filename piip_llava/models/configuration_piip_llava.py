@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -187,12 +188,15 @@ class PiipVisionConfig(PretrainedConfig):
         self,
         branches: list[dict[str, Any]] | None = None,
         interaction: dict[str, Any] | None = None,
+        enforce_pyramid: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         # normalised through BranchConfig: validated, defaults filled in (e.g. interaction_indexes)
         self.branches = [(b if isinstance(b, BranchConfig) else BranchConfig(**b)).to_dict() for b in (branches or [])]
         self.interaction = dict(interaction or {}) if not isinstance(interaction, InteractionConfig) else interaction.to_dict()
+        # False only for converted official checkpoints: the order rules below then warn instead of refusing
+        self.enforce_pyramid = bool(enforce_pyramid)
         if not self.branches:  # an empty config is what transformers builds to read defaults: leave it unchecked
             return
         self.validate()
@@ -203,24 +207,34 @@ class PiipVisionConfig(PretrainedConfig):
     def interaction_config(self) -> InteractionConfig:
         return InteractionConfig(**self.interaction)
 
+    def pyramid_violations(self) -> list[str]:
+        """Breaches of the parameter-inverted pyramid: along the branches, resolution must rise, model size fall."""
+        branches, found = self.branch_configs(), []
+        for i in range(len(branches) - 1):
+            lo, hi = branches[i], branches[i + 1]
+            if lo.image_size >= hi.image_size:
+                found.append(
+                    f"branch order: branch {i} ({lo.type}, {lo.image_size}px) must see a smaller image than branch "
+                    f"{i + 1} ({hi.type}, {hi.image_size}px); order branches from lowest to highest resolution"
+                )
+            if lo.approx_params() < hi.approx_params():
+                found.append(
+                    f"branch order: branch {i} ({lo.type}, ~{lo.approx_params() / 1e6:.1f}M params) is smaller than "
+                    f"branch {i + 1} (~{hi.approx_params() / 1e6:.1f}M) - the largest model must take the lowest "
+                    "resolution (parameter-inverted pyramid)"
+                )
+        return found
+
     def validate(self) -> None:
         branches = self.branch_configs()
         inter = self.interaction_config()
         if len(branches) > 4:
             raise ValueError(f"PIIP supports 1 to 4 branches, got {len(branches)}")
-        for i in range(len(branches) - 1):
-            lo, hi = branches[i], branches[i + 1]
-            if lo.image_size >= hi.image_size:
-                raise ValueError(
-                    f"branch order: branch {i} ({lo.type}, {lo.image_size}px) must see a smaller image than branch "
-                    f"{i + 1} ({hi.type}, {hi.image_size}px); order branches from lowest to highest resolution"
-                )
-            if lo.approx_params() < hi.approx_params():
-                raise ValueError(
-                    f"branch order: branch {i} ({lo.type}, ~{lo.approx_params() / 1e6:.1f}M params) is smaller than "
-                    f"branch {i + 1} (~{hi.approx_params() / 1e6:.1f}M) - the largest model must take the lowest "
-                    "resolution (parameter-inverted pyramid)"
-                )
+        for message in self.pyramid_violations():
+            if self.enforce_pyramid:
+                raise ValueError(message)
+            warnings.warn(f"{message} (kept: enforce_pyramid is False, as in converted official checkpoints)",
+                          stacklevel=3)
         if len(branches) == 1:
             if branches[0].interaction_indexes:
                 raise ValueError("a single-branch tower has no interactions: leave interaction_indexes empty")
@@ -234,10 +248,12 @@ class PiipVisionConfig(PretrainedConfig):
         for i, b in enumerate(branches):
             for start, end in b.interaction_indexes:
                 width = b.out_dims[end]
-                if int(width * inter.deform_ratio) % inter.num_heads or width % inter.num_heads:
+                value = int(width * inter.deform_ratio) if inter.attn_type == "deform" else width
+                if value % inter.num_heads or width % inter.num_heads:
                     raise ValueError(
-                        f"branch {i}: interaction width {width} (at block {end}) with deform_ratio "
-                        f"{inter.deform_ratio} is not divisible by interaction num_heads {inter.num_heads}"
+                        f"branch {i}: interaction width {width} (at block {end})"
+                        + (f" with deform_ratio {inter.deform_ratio}" if inter.attn_type == "deform" else "")
+                        + f" is not divisible by interaction num_heads {inter.num_heads}"
                     )
 
     @property
@@ -267,6 +283,7 @@ class PiipLlavaConfig(PretrainedConfig):
         projector_type: Literal["piip_mlp", "mlp2x_gelu"] = "piip_mlp",
         projector_norm: Literal["gn", "ln"] = "gn",
         projector_groups: int = 32,
+        projector_out_shape: int | None = None,
         image_token_id: int | None = None,
         image_aspect_ratio: Literal["pad", "square"] = "pad",
         image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
@@ -289,9 +306,14 @@ class PiipLlavaConfig(PretrainedConfig):
             raise ValueError(f"projector_norm must be 'gn' or 'ln', got {projector_norm!r}")
         if image_aspect_ratio not in ("pad", "square"):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}")
+        if projector_out_shape is not None and (projector_type != "piip_mlp" or int(projector_out_shape) <= 0):
+            raise ValueError(f"projector_out_shape must be None or a positive grid side for the 'piip_mlp' projector, "
+                             f"got {projector_out_shape!r} with {projector_type!r}")
         self.projector_type = projector_type
         self.projector_norm = projector_norm
         self.projector_groups = projector_groups
+        # official TwoBranchMLP `out_shape`: every map resized to this square grid (default: the last branch's grid)
+        self.projector_out_shape = None if projector_out_shape is None else int(projector_out_shape)
         self.image_aspect_ratio = image_aspect_ratio
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
@@ -311,7 +333,9 @@ class PiipLlavaConfig(PretrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image: the grid of the highest-resolution branch."""
+        """Visual tokens per image: the grid of the highest-resolution branch (or `projector_out_shape` squared)."""
+        if self.projector_out_shape:
+            return self.projector_out_shape ** 2
         return self.vision_config.branch_configs()[-1].grid ** 2
 
 

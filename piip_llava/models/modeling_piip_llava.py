@@ -60,15 +60,21 @@ class BranchMLP(nn.Module):
 
 
 class PiipProjector(nn.Module):
-    """N-branch projector: upsample every map (fp32 bilinear) to the last branch's grid, one MLP per branch, sum."""
+    """N-branch projector: upsample every map (fp32 bilinear) to the last branch's grid, one MLP per branch, sum.
 
-    def __init__(self, in_dims: list[int], out_dim: int, norm: str = "gn", groups: int = 32) -> None:
+    With `out_shape` (the official TwoBranchMLP option) every map is resized to an out_shape x out_shape grid instead.
+    """
+
+    def __init__(
+        self, in_dims: list[int], out_dim: int, norm: str = "gn", groups: int = 32, out_shape: int | None = None
+    ) -> None:
         super().__init__()
         self.branches = nn.ModuleList(BranchMLP(d, out_dim, norm, groups) for d in in_dims)
+        self.out_shape = out_shape
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """maps: [(B, d_j, H_j, W_j)] -> (B, H*W, D) on the last (highest-resolution) grid."""
-        size = maps[-1].shape[-2:]
+        """maps: [(B, d_j, H_j, W_j)] -> (B, H*W, D) on the last (highest-resolution) grid, or the out_shape grid."""
+        size = maps[-1].shape[-2:] if self.out_shape is None else (self.out_shape, self.out_shape)
         out = None
         for mlp, fmap in zip(self.branches, maps):
             if fmap.shape[-2:] != size:
@@ -95,7 +101,7 @@ def build_projector(config: PiipLlavaConfig, in_dims: list[int]) -> nn.Module:
     hidden = config.text_config.hidden_size
     if config.projector_type == "mlp2x_gelu":
         return MlpProjector(in_dims[0], hidden)
-    return PiipProjector(in_dims, hidden, config.projector_norm, config.projector_groups)
+    return PiipProjector(in_dims, hidden, config.projector_norm, config.projector_groups, config.projector_out_shape)
 
 
 class PiipLlavaPreTrainedModel(PreTrainedModel):
