@@ -3,15 +3,25 @@
 Input: a LLaVA-style folder (`config.json` with `model_type: llava_llama`, safetensors or `.bin` shards with or
 without an index, tokenizer files). Its `mm_vision_tower` names the official tower config, a Python file such as
 `configs/piip-llava_clip-bl_512-256_7B.py`; that file is **read, never executed**: `ast` extracts the literal
-`model = dict(...)` assignment. Branch architectures come from (a) a local folder named by the branch's
-`pretrained` entry (relative to the `.py` file or the working directory) holding a Hugging Face CLIP `config.json`
-or a timm `config.json`, (b) the built-in table of the official branch ids (taken from our presets), or (c) with
-`infer_from_weights=True` (`--infer-from-weights`), the tensor shapes of the checkpoint. Anything else is an error.
+`model = dict(...)` assignment. Keys it leaves out take the defaults of the official `PIIPTwoBranchConfig` (e.g.
+`interact_attn_type='normal'`, `deform_num_heads=6`, `with_cffn=False`), as the official loader does.
+
+Branch architectures come from, in this order: (a) a local folder named by the branch's `pretrained` entry
+(relative to the `.py` file or the working directory) holding a Hugging Face CLIP `config.json` or a timm
+`config.json`, (b) the built-in table of the official branch ids (taken from our presets), (c) the tensor shapes of
+the checkpoint, with a `ConversionWarning` naming what shapes cannot tell (CLIP heads and activation). Everything the
+official code builds converts: `deform` and `normal` interactions, `norm_layer` `ln` / `none`, with or without
+ConvFFN and interaction projections, the `gn` and `ln` projectors with or without `out_shape`, branch pairs that break
+our own pyramid rules (warned, kept as `enforce_pyramid=False`). Refused, with the reason: what the official loader
+cannot build either (unknown `model_cls`, ConvNeXt in `2branch_v1`, no `projector` entry) and a CLIP run with a patch
+size other than its pretrained one (the official wrapper then keeps the old conv stride).
 
 Output: `PiipLlavaForConditionalGeneration.save_pretrained(DST)` (safetensors) + the tokenizer files. The load is
 strict: any missing or unexpected key aborts with the full list.
 
-    python -m piip_llava.models.convert_official SRC DST [--tower-config PATH] [--infer-from-weights]
+    python -m piip_llava.models.convert_official SRC DST [--tower-config PATH]
+
+(`--infer-from-weights` is still accepted; deriving unknown architectures from the weights no longer needs it.)
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -48,7 +59,10 @@ LLAMA_FIELDS = (
 )
 # Non-persistent buffers that old transformers versions wrote into checkpoints; nothing else is dropped.
 NON_PERSISTENT = (re.compile(r".*\.position_ids$"), re.compile(r".*rotary_emb\.inv_freq$"))
-PROJECTOR_PIIP = {"1": "linear_1", "3": "norm", "6": "linear_2"}  # TwoBranchMLP Sequential indices
+# TwoBranchMLP Sequential indices (llava/model/multimodal_projector/builder.py): gn = permute, linear, permute,
+# GroupNorm, GELU, permute, linear, permute; ln = permute, linear, ReshapeAndLN (no parameters), GELU, permute,
+# linear, permute.
+PROJECTOR_PIIP = {"gn": {"1": "linear_1", "3": "norm", "6": "linear_2"}, "ln": {"1": "linear_1", "5": "linear_2"}}
 PROJECTOR_MLP = {"0": "linear_1", "2": "linear_2"}  # LLaVA-1.5 mlp2x_gelu
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 TIMM_CONVNEXT = {  # timm architecture name -> ConvNeXt kwargs (for a local timm config.json without model_args)
@@ -56,10 +70,24 @@ TIMM_CONVNEXT = {  # timm architecture name -> ConvNeXt kwargs (for a local timm
     "convnext_large": {"depths": [3, 3, 27, 3], "dims": [192, 384, 768, 1536]},
     "convnext_large_mlp": {"depths": [3, 3, 27, 3], "dims": [192, 384, 768, 1536], "head_hidden_size": 1536},
 }
+# Defaults of the official `PIIPTwoBranchConfig.__init__` (llava/model/multimodal_encoder/piip/
+# configuration_piip_2branch.py): a key missing from a tower `.py` config takes these values in the official code.
+OFFICIAL_BACKBONE_DEFAULTS: dict[str, Any] = {
+    "n_points": 4, "deform_num_heads": 6, "with_cffn": False, "cffn_ratio": 0.25, "deform_ratio": 1.0,
+    "interact_attn_type": "normal", "interaction_drop_path_rate": 0.3, "norm_layer": "ln", "interaction_proj": True,
+}
+# `PIIPVisionTower.load_model` (piip_encoder.py): the model class and the branch kinds each one can build.
+OFFICIAL_MODEL_CLS = {"2branch_v1": ("clip_hf",), "2branch_mix": ("clip_hf", "convnext_timm")}
+# Heads of the OpenCLIP ViTs whose heads are not 64 wide (ViT-H/14, ViT-g/14, ViT-bigG/14), by width.
+CLIP_HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
 
 
 class ConversionError(ValueError):
     """The source checkpoint cannot be converted; the message says which file / key / field and why."""
+
+
+class ConversionWarning(UserWarning):
+    """The checkpoint converts, but something was derived or differs from our own conventions; the message says what."""
 
 
 # ------------------------------------------------------------------ the official .py tower config, without exec
@@ -144,8 +172,10 @@ def _local_backbone(pretrained: str, search_dirs: list[str]) -> tuple[str, dict[
     return None
 
 
-def _backbone_from_weights(kind: str, sd: dict[str, torch.Tensor], prefix: str, where: str) -> dict[str, Any]:
-    """Architecture from tensor shapes (CLIP heads assumed 64 wide, as in every CLIP ViT)."""
+def _backbone_from_weights(
+    kind: str, sd: dict[str, torch.Tensor], prefix: str, where: str
+) -> tuple[dict[str, Any], str]:
+    """Architecture from tensor shapes -> (backbone kwargs, what the shapes cannot tell, for the warning)."""
     if kind == "clip":
         try:
             hidden = sd[prefix + "embeddings.class_embedding"].shape[0]
@@ -156,22 +186,100 @@ def _backbone_from_weights(kind: str, sd: dict[str, torch.Tensor], prefix: str, 
             raise ConversionError(f"{where}: cannot infer the CLIP architecture, {e} is missing") from None
         layers = len({k.split(".")[len(prefix.split(".")) + 1] for k in sd if k.startswith(prefix + "encoder.layers.")})
         grid = math.isqrt(rows - 1)
-        return {"hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
-                "num_attention_heads": max(1, hidden // 64), "image_size": grid * patch, "patch_size": patch,
-                "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-    depths, dims = [], []
+        if grid * grid != rows - 1:
+            raise ConversionError(
+                f"{where}: {prefix}embeddings.position_embedding.weight has {rows} rows, not 1 + a square"
+            )
+        heads = CLIP_HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64))
+        backbone = {"hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": layers,
+                    "num_attention_heads": heads, "image_size": grid * patch, "patch_size": patch,
+                    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+        assumed = f"{heads} attention head(s) of {hidden // heads}, quick_gelu and LayerNorm eps 1e-5 (OpenAI CLIP)"
+        return backbone, assumed + " assumed"
+    depths, dims, kernels = [], [], []
     for s in range(8):
         blocks = {int(k[len(prefix):].split(".")[3]) for k in sd if k.startswith(f"{prefix}stages.{s}.blocks.")}
         if not blocks:
             break
         depths.append(max(blocks) + 1)
-        dims.append(sd[f"{prefix}stages.{s}.blocks.0.conv_dw.weight"].shape[0])
+        dw = sd[f"{prefix}stages.{s}.blocks.0.conv_dw.weight"]
+        dims.append(dw.shape[0])
+        kernels.append(dw.shape[-1])
     if not depths:
         raise ConversionError(f"{where}: cannot infer the ConvNeXt architecture, no {prefix}stages.*.blocks.* keys")
+    stem = sd.get(prefix + "stem.0.weight")
+    if stem is None or stem.shape[-1] != 4:
+        raise ConversionError(f"{where}: {prefix}stem.0.weight is not the 4x4 patch stem of a ConvNeXt")
     backbone: dict[str, Any] = {"depths": depths, "dims": dims}
+    block = prefix + "stages.0.blocks.0."
+    if set(kernels) != {7}:
+        backbone["kernel_sizes"] = kernels
+    if block + "weight" not in sd:  # the layer scale (timm `gamma`, official `weight`): absent in ConvNeXt-V2
+        backbone["ls_init_value"] = None
+    if block + "mlp.grn.weight" in sd:
+        backbone["use_grn"] = True
+    if sd[block + "mlp.fc1.weight"].ndim == 4:
+        backbone["conv_mlp"] = True
+    if block + "conv_dw.bias" not in sd:
+        backbone["conv_bias"] = False
+    if prefix + "norm_pre.weight" in sd:
+        backbone["head_norm_first"] = True
     if prefix + "head.pre_logits.fc.weight" in sd:
         backbone["head_hidden_size"] = sd[prefix + "head.pre_logits.fc.weight"].shape[0]
-    return backbone
+    return backbone, "timm ConvNeXt defaults (GELU, LayerNorm eps 1e-6) assumed"
+
+
+def _branch_entry(
+    k: int, b: dict[str, Any], builtin: dict[str, tuple[str, dict[str, Any]]], search_dirs: list[str],
+    state_dict: dict[str, torch.Tensor] | None, where: str,
+) -> dict[str, Any]:
+    """One official `branchK` dict -> our branch dict (the architecture resolved as the module docstring says)."""
+    model_type = b.get("model_type", "clip_hf")
+    kind = {"clip_hf": "clip", "convnext_timm": "convnext"}[model_type]
+    pretrained = b.get("pretrained")
+    found = _local_backbone(pretrained, search_dirs) if pretrained else None
+    if found is None and pretrained in builtin:
+        found = builtin[pretrained]
+    if found is None and state_dict is not None:
+        sub = "clip_model." if kind == "clip" else "convnext_model."
+        backbone, assumed = _backbone_from_weights(kind, state_dict, f"{TOWER_PREFIX}branch{k}.{sub}", where)
+        found = (kind, backbone)
+        warnings.warn(
+            f"{where}: branch{k}.pretrained {pretrained!r} is neither a local folder with a config.json (searched: "
+            f"{', '.join(search_dirs)}) nor a known official id: its architecture comes from the checkpoint's shapes "
+            f"({assumed}; a folder named like `pretrained` next to the .py config, holding the model's config.json, "
+            "overrides this)", ConversionWarning, stacklevel=4,
+        )
+    if found is None:
+        raise ConversionError(
+            f"{where}: branch{k}.pretrained {pretrained!r} is not a known official branch id "
+            f"({', '.join(sorted(builtin))}) nor a local folder with a config.json (searched: "
+            f"{', '.join(search_dirs)}), and no weights were given to derive it from"
+        )
+    if found[0] != kind:
+        raise ConversionError(f"{where}: branch{k} is {model_type} but {pretrained!r} describes a {found[0]} model")
+    backbone = dict(found[1])
+    entry: dict[str, Any] = {"type": kind, "image_size": int(b["img_size"]), "backbone": backbone,
+                             "pretrained": pretrained, "interaction_indexes": b.get("interaction_indexes", [])}
+    if kind == "clip":
+        pre_patch = int(backbone.get("patch_size", 16))
+        pre = b.get("pretrain_patch_size")
+        if pre is not None and int(pre) != pre_patch:  # CLIPHFWrapper asserts the same
+            raise ConversionError(
+                f"{where}: branch{k}.pretrain_patch_size {pre} differs from {pretrained!r}'s patch size {pre_patch}"
+            )
+        patch = int(b.get("patch_size", pre_patch))
+        if patch != pre_patch:
+            # CLIPHFWrapper resizes the kernel's weight but not the conv's stride (still pretrain_patch_size), and
+            # its deformable grids assume img_size // patch_size tokens: a layout our CLIP branch does not express.
+            raise ConversionError(
+                f"{where}: branch{k}.patch_size {patch} differs from the pretrained patch size {pre_patch}; the "
+                f"official wrapper then runs a {patch}x{patch} kernel at stride {pre_patch}, which this converter does "
+                "not reproduce (the released configs use CLIPs converted to patch 16 beforehand)"
+            )
+        entry["patch_size"] = patch
+        entry["use_cls_token"] = bool(b.get("use_cls_token", False))  # official default: False
+    return entry
 
 
 def vision_config_from_official(
@@ -181,72 +289,67 @@ def vision_config_from_official(
     infer_from_weights: bool = False,
     where: str = "tower config",
 ) -> tuple[PiipVisionConfig, str]:
-    """Official `model` dict -> (PiipVisionConfig, projector norm)."""
+    """Official `model` dict -> (PiipVisionConfig, the official projector dict, checked).
+
+    Mirrors `PIIPVisionTower` / `PIIPTwoBranchModel` / `PIIPTwoBranchMixModel`: two branches, official defaults for
+    missing keys, branch1 fed the full image when its `img_size` is not smaller than branch2's. Branch architectures
+    unknown by id come from `state_dict`'s shapes whenever it is given (`infer_from_weights` is kept for callers of
+    the earlier signature and changes nothing).
+    """
+    del infer_from_weights
     bb = tower_cfg["backbone"]
+    model_cls = bb.get("model_cls", "2branch_v1")
+    if model_cls not in OFFICIAL_MODEL_CLS:
+        raise ConversionError(f"{where}: model_cls {model_cls!r} is not one of {sorted(OFFICIAL_MODEL_CLS)}")
+    for k in (1, 2):
+        if not isinstance(bb.get(f"branch{k}"), dict):
+            raise ConversionError(f"{where}: backbone has no branch{k} (the official towers have exactly two)")
+        model_type = bb[f"branch{k}"].get("model_type", "clip_hf")
+        if model_type not in OFFICIAL_MODEL_CLS[model_cls]:
+            raise ConversionError(f"{where}: branch{k}.model_type {model_type!r} is not one {model_cls} builds "
+                                  f"({', '.join(OFFICIAL_MODEL_CLS[model_cls])})")
+    extra = sorted(key for key in bb if re.fullmatch(r"branch\d+", key) and key not in ("branch1", "branch2"))
+    if extra:
+        warnings.warn(f"{where}: {', '.join(extra)} ignored, as the official two-branch towers ignore them",
+                      ConversionWarning, stacklevel=2)
     builtin = _builtin_backbones()
-    branches = []
-    k = 1
-    while f"branch{k}" in bb:
-        b = dict(bb[f"branch{k}"])
-        model_type = b.get("model_type", "clip_hf")
-        kind = {"clip_hf": "clip", "convnext_timm": "convnext"}.get(model_type)
-        if kind is None:
-            raise ConversionError(f"{where}: branch{k}.model_type {model_type!r} is not clip_hf or convnext_timm")
-        pretrained = b.get("pretrained")
-        found = _local_backbone(pretrained, search_dirs) if pretrained else None
-        if found is None and pretrained in builtin:
-            found = builtin[pretrained]
-        if found is None and infer_from_weights and state_dict is not None:
-            sub = "clip_model." if kind == "clip" else "convnext_model."
-            found = (kind, _backbone_from_weights(kind, state_dict, f"{TOWER_PREFIX}branch{k}.{sub}", where))
-        if found is None:
-            raise ConversionError(
-                f"{where}: branch{k}.pretrained {pretrained!r} is not a known official branch id "
-                f"({', '.join(sorted(builtin))}) nor a local folder with a config.json (searched: "
-                f"{', '.join(search_dirs)}); pass --infer-from-weights to derive it from the checkpoint's shapes"
-            )
-        if found[0] != kind:
-            raise ConversionError(f"{where}: branch{k} is {model_type} but {pretrained!r} describes a {found[0]} model")
-        entry: dict[str, Any] = {
-            "type": kind,
-            "image_size": int(b["img_size"]),
-            "backbone": found[1],
-            "pretrained": pretrained,
-            "interaction_indexes": b.get("interaction_indexes", []),
-        }
-        if kind == "clip":
-            entry["patch_size"] = int(b.get("patch_size", found[1].get("patch_size", 16)))
-            entry["use_cls_token"] = bool(b.get("use_cls_token", False))  # official default: False
-            pre = b.get("pretrain_patch_size")
-            if pre is not None and int(pre) != int(found[1].get("patch_size", pre)):
-                raise ConversionError(
-                    f"{where}: branch{k}.pretrain_patch_size {pre} differs from {pretrained!r}'s patch size "
-                    f"{found[1].get('patch_size')}"
-                )
-        branches.append(entry)
-        k += 1
-    if not branches:
-        raise ConversionError(f"{where}: backbone has no branch1")
-    attn_type = bb.get("interact_attn_type", "deform")
+    branches = [_branch_entry(k, dict(bb[f"branch{k}"]), builtin, search_dirs, state_dict, where) for k in (1, 2)]
+    if branches[0]["image_size"] >= branches[1]["image_size"]:
+        # forward(): x1 = interpolate(x, scale_factor=img1 / img2) only when that factor is < 1, else x.clone()
+        warnings.warn(
+            f"{where}: branch1.img_size {branches[0]['image_size']} is not smaller than branch2.img_size "
+            f"{branches[1]['image_size']}; as in the official forward, branch1 sees the {branches[1]['image_size']} px "
+            "image", ConversionWarning, stacklevel=2,
+        )
+        branches[0]["image_size"] = branches[1]["image_size"]
+
+    opts = {key: bb.get(key, default) for key, default in OFFICIAL_BACKBONE_DEFAULTS.items()}
+    if opts["interact_attn_type"] not in ("deform", "normal"):
+        raise ConversionError(f"{where}: interact_attn_type {opts['interact_attn_type']!r} is not deform or normal")
+    if opts["norm_layer"] not in ("ln", "none"):
+        raise ConversionError(f"{where}: norm_layer {opts['norm_layer']!r} is not 'ln' or 'none'")
     interaction = {
-        "attn_type": attn_type,
-        "num_heads": bb.get("deform_num_heads", 16),
-        "n_points": bb.get("n_points", 4),
-        "deform_ratio": bb.get("deform_ratio", 1.0),
-        "with_cffn": bb.get("with_cffn", True),
-        "cffn_ratio": bb.get("cffn_ratio", 0.25),
-        "drop_path_rate": bb.get("interaction_drop_path_rate", 0.0),
-        "with_proj": bb.get("interaction_proj", True),
+        "attn_type": opts["interact_attn_type"],
+        "num_heads": int(opts["deform_num_heads"]),
+        "n_points": int(opts["n_points"]),
+        "deform_ratio": float(opts["deform_ratio"]),
+        "with_cffn": bool(opts["with_cffn"]),
+        "cffn_ratio": float(opts["cffn_ratio"]),
+        "drop_path_rate": float(opts["interaction_drop_path_rate"]),
+        "with_proj": bool(opts["interaction_proj"]),
+        "norm": opts["norm_layer"],
         "norm_eps": 1e-6,
     }
-    if bb.get("norm_layer", "ln") != "ln":
-        raise ConversionError(f"{where}: norm_layer {bb.get('norm_layer')!r} is not supported (only 'ln')")
-    proj = tower_cfg.get("projector") or {}
-    if proj and proj.get("type") != "separate_2branch_v1":
+    proj = tower_cfg.get("projector")
+    if not isinstance(proj, dict):  # build_vision_projector falls back to mm_projector_type, which cannot take 2 maps
+        raise ConversionError(f"{where}: no `projector=dict(type='separate_2branch_v1', ...)` entry")
+    if proj.get("type") != "separate_2branch_v1":
         raise ConversionError(f"{where}: projector type {proj.get('type')!r} is not separate_2branch_v1")
-    if proj.get("out_shape") is not None:
-        raise ConversionError(f"{where}: projector out_shape is not supported")
-    return PiipVisionConfig(branches=branches, interaction=interaction), proj.get("norm", "gn")
+    if proj.get("norm") not in ("gn", "ln"):
+        raise ConversionError(f"{where}: projector norm {proj.get('norm')!r} is not 'gn' or 'ln'")
+    vision = PiipVisionConfig(branches=branches, interaction=interaction, enforce_pyramid=False)
+    vision.enforce_pyramid = not vision.pyramid_violations()  # official inputs: our size rules only warn
+    return vision, proj
 
 
 def _resolve_tower_py(name: str, src: str, override: str | None) -> str:
@@ -272,7 +375,8 @@ def build_config(
     tower_config: str | None = None,
     infer_from_weights: bool = False,
 ) -> PiipLlavaConfig:
-    """PiipLlavaConfig for the checkpoint folder `src`."""
+    """PiipLlavaConfig for the checkpoint folder `src` (`state_dict`: its weights, from which branch architectures
+    unknown by id are derived; `infer_from_weights` is accepted for older callers and changes nothing)."""
     cfg_path = os.path.join(src, "config.json")
     with open(cfg_path, encoding="utf-8") as f:
         llava = json.load(f)
@@ -287,12 +391,12 @@ def build_config(
     common = {"text_config": text_config_from_llava(llava), "image_aspect_ratio": aspect}
     if tower.endswith(".py"):
         py = _resolve_tower_py(tower, src, tower_config)
-        vision, norm = vision_config_from_official(
+        vision, proj = vision_config_from_official(
             parse_tower_config(py), [os.path.dirname(os.path.abspath(py)), os.getcwd()], state_dict,
             infer_from_weights, where=py,
         )
-        return PiipLlavaConfig(vision_config=vision, projector_type="piip_mlp", projector_norm=norm,
-                               projector_groups=32, **common)
+        return PiipLlavaConfig(vision_config=vision, projector_type="piip_mlp", projector_norm=proj["norm"],
+                               projector_groups=32, projector_out_shape=proj.get("out_shape"), **common)
     # plain LLaVA-1.5: a CLIP tower named by hub id or local folder, penultimate layer, patch features
     if llava.get("mm_vision_select_feature", "patch") != "patch":
         raise ConversionError(f"{cfg_path}: mm_vision_select_feature must be 'patch'")
@@ -300,11 +404,15 @@ def build_config(
         raise ConversionError(f"{cfg_path}: mm_projector_type {llava.get('mm_projector_type')!r} is not mlp2x_gelu")
     search = [src, os.getcwd()]
     probe = _local_backbone(tower, search) or _builtin_backbones().get(tower)
-    if probe is None and infer_from_weights and state_dict is not None:
-        probe = ("clip", _backbone_from_weights("clip", state_dict, TOWER_PREFIX + "vision_model.", cfg_path))
+    if probe is None and state_dict is not None:
+        backbone, assumed = _backbone_from_weights("clip", state_dict, TOWER_PREFIX + "vision_model.", cfg_path)
+        probe = ("clip", backbone)
+        warnings.warn(f"{cfg_path}: vision tower {tower!r} is neither a local folder with a config.json nor a known "
+                      f"id: its architecture comes from the checkpoint's shapes ({assumed})", ConversionWarning,
+                      stacklevel=2)
     if probe is None:
-        raise ConversionError(f"{cfg_path}: vision tower {tower!r} is not a known CLIP id nor a local folder; pass "
-                              "--infer-from-weights to derive it from the checkpoint's shapes")
+        raise ConversionError(f"{cfg_path}: vision tower {tower!r} is not a known CLIP id nor a local folder, and no "
+                              "weights were given to derive it from")
     backbone = probe[1]
     branch = {"type": "clip", "image_size": backbone["image_size"], "backbone": backbone, "pretrained": tower,
               "patch_size": backbone["patch_size"], "use_cls_token": True, "interaction_indexes": [],
@@ -347,7 +455,7 @@ def load_official_state_dict(src: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _convert_key(key: str) -> str:
+def _convert_key(key: str, projector_norm: str = "gn") -> str:
     """Official name -> this project's flat name (`convert_legacy_key` then gives the HF layout)."""
     if key == "lm_head.weight":
         return "language_model.lm_head.weight"
@@ -365,8 +473,9 @@ def _convert_key(key: str) -> str:
             return "vision_tower.branches.0.model." + rest[len("vision_model."):]
         return key  # unknown: reported as unexpected
     m = re.match(r"model\.mm_projector\.branch(\d+)\.(\d+)\.(weight|bias)$", key)
-    if m and m.group(2) in PROJECTOR_PIIP:
-        return f"multi_modal_projector.branches.{int(m.group(1)) - 1}.{PROJECTOR_PIIP[m.group(2)]}.{m.group(3)}"
+    indices = PROJECTOR_PIIP.get(projector_norm, {})
+    if m and m.group(2) in indices:
+        return f"multi_modal_projector.branches.{int(m.group(1)) - 1}.{indices[m.group(2)]}.{m.group(3)}"
     m = re.match(r"model\.mm_projector\.(\d+)\.(weight|bias)$", key)
     if m and m.group(1) in PROJECTOR_MLP:
         return f"multi_modal_projector.{PROJECTOR_MLP[m.group(1)]}.{m.group(2)}"
@@ -375,19 +484,39 @@ def _convert_key(key: str) -> str:
     return key
 
 
+def _fuse_cross_attention(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`normal` interactions: the official `CrossAttention` (piip_modules.py) has bias-free `wq`, `wk`, `wv` and a
+    `proj`; ours has `q`, one `kv` whose output rows are [k; v], and `proj`: the same linear maps, renamed and stacked.
+    A `wk` without its `wv` (or the reverse) keeps its name, so that the strict load reports it."""
+    out = dict(state_dict)
+    for key in state_dict:
+        m = re.match(re.escape(TOWER_PREFIX) + r"(interactions\.\d+\..*\.attn\.)w([qkv])\.(weight|bias)$", key)
+        if not m or key not in out:
+            continue
+        base, which, kind = TOWER_PREFIX + m.group(1), m.group(2), m.group(3)
+        if which == "q":
+            out[f"{base}q.{kind}"] = out.pop(key)
+        elif f"{base}wk.{kind}" in out and f"{base}wv.{kind}" in out:
+            out[f"{base}kv.{kind}"] = torch.cat([out.pop(f"{base}wk.{kind}"), out.pop(f"{base}wv.{kind}")], dim=0)
+    return out
+
+
 def convert_official_state_dict(
     state_dict: dict[str, torch.Tensor], config: PiipLlavaConfig | None = None
 ) -> dict[str, torch.Tensor]:
     """Official key names -> ours (spec §5). Only non-persistent buffers (`position_ids`, `inv_freq`) are dropped;
     keys with no mapping keep their name so that a strict load reports them. With `config`, the number of
-    interactions in the weights is checked against it (the 13B ConvNeXt 24-vs-12 pitfall)."""
+    interactions in the weights is checked against it (the 13B ConvNeXt 24-vs-12 pitfall) and the projector's
+    Sequential indices are those of its norm (`gn` without a config)."""
+    norm = "gn"
     if config is not None:
         check_interaction_count(state_dict, config)
+        norm = config.projector_norm
     out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
+    for key, value in _fuse_cross_attention(state_dict).items():
         if any(p.match(key) for p in NON_PERSISTENT):
             continue
-        new = convert_legacy_key(_convert_key(key))
+        new = convert_legacy_key(_convert_key(key, norm))
         if new in out:
             raise ConversionError(f"two checkpoint keys map to {new!r} (one is {key!r})")
         out[new] = value
