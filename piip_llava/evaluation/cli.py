@@ -148,6 +148,9 @@ def _generate(task: Task, args: argparse.Namespace, answers: Path, engines: Engi
                            template=None, dtype=None)
         batch_size = 4 * args.concurrency  # a window of requests; at most `concurrency` in flight
     else:
+        from piip_llava.models.loading import check_checkpoint
+
+        check_checkpoint(args.model_path, ("piip_llava", "official", "lora_adapter"), "--model-path")  # one clear line
         device, dtype = eval_device_dtype(args.device, args.dtype)
         template = _template_name(args.model_path, args.conv_mode)
         prov = _provenance(task, args, shard, checkpoint={"path": str(Path(args.model_path).resolve()),
@@ -223,11 +226,15 @@ def task_main(name: str):
         task = get_task(name)
         parser = build_parser(task, prog=f"eval/{name}.py")
         args = parser.parse_args(argv)
+        from piip_llava.models.loading import CheckpointError, cli_error
+
         try:
             run_task(task, args, parser_error=parser.error)
         except ProvenanceMismatch as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except CheckpointError as exc:  # a bad --model-path: one line naming the file (PIIP_DEBUG=1: traceback)
+            return cli_error(exc)
         return 0
 
     main.__doc__ = f"Evaluate {name}: parse -> generate -> merge -> score -> summary."

@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="output folder")
     parser.add_argument("--tower-config", default=None, help="path of the official tower .py config (overrides mm_vision_tower)")
     parser.add_argument("--infer-from-weights", action="store_true",
-                        help="derive unknown branch architectures from the checkpoint's tensor shapes")
+                        help="accepted for old command lines; unknown branches are always derived from the weights")
     parser.add_argument("--debug", action="store_true", help="a traceback instead of a one-line error (or PIIP_DEBUG=1)")
     args = parser.parse_args(argv)
     from .loading import check_checkpoint, cli_error

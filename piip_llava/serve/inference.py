@@ -7,7 +7,6 @@ tokens of one request. Prompts use the model's conversation template; stop strin
 from __future__ import annotations
 
 import io
-import json
 import os
 import queue
 import re

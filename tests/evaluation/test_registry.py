@@ -189,3 +189,16 @@ def test_training_data_uses_official_decoding(tmp_path, tokenizer):
     official = proc.pixel_values([load_image(str(tmp_path / "t.png"), decode="official")])[0]
     friendly = proc.pixel_values([load_image(str(tmp_path / "t.png"), decode="friendly")])[0]
     assert torch.equal(got, official) and not torch.equal(got, friendly)
+
+
+def test_bad_model_path_is_one_line_error(tmp_path, capsys):
+    """A missing checkpoint folder: exit 1 and one `error:` line naming it, no traceback."""
+    from piip_llava.evaluation.cli import task_main
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "image": "x.png", "text": "hi"}\n')
+    code = task_main("textvqa")(["--model-path", str(tmp_path / "nope"), "--question-file", str(questions),
+                                 "--image-folder", str(tmp_path), "--answers-file", str(tmp_path / "a.jsonl"),
+                                 "--annotation-file", str(tmp_path / "ann.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error:") and "nope" in err and "Traceback" not in err
