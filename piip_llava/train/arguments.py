@@ -91,6 +91,14 @@ class PiipTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "checkpoint the branch blocks [same as --gradient_checkpointing]"})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "keep False: the batch carries pixel_values and num_skipped"})
+    # The official recipe (LLaVA-1.5 / PIIP DeepSpeed configs have no `gradient_clipping`) does not clip.
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "clip gradients to this norm; 0 = no clipping, as the official recipe"})
+    loss_normalization: Literal["micro_batch", "tokens"] = field(
+        default="micro_batch", metadata={
+            "help": "micro_batch: mean over each micro-batch's supervised tokens, averaged over micro-batches and "
+                    "GPUs (the official recipe, transformers 4.37); tokens: one mean over all supervised tokens of "
+                    "the optimizer step (transformers 5's default)"})
     resume: str | None = field(
         default=None, metadata={"help": "'auto': the newest complete checkpoint in output_dir (if any); a checkpoint "
                                         "folder; 'none': start at step 0"})
@@ -102,6 +110,8 @@ class PiipTrainingArguments(TrainingArguments):
             self.tune = "projector" if self.stage == 1 else "full"
         if self.tune not in TUNE_POLICIES:
             raise ValueError(f"--tune must be one of {TUNE_POLICIES}, got {self.tune!r}")
+        if self.loss_normalization not in ("micro_batch", "tokens"):
+            raise ValueError(f"--loss_normalization must be 'micro_batch' or 'tokens', got {self.loss_normalization!r}")
         if self.qlora and self.tune != "lora":
             raise ValueError("--qlora needs --tune lora")
         if self.qlora and not torch.cuda.is_available():

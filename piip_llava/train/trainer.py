@@ -64,6 +64,10 @@ class PiipTrainer(Trainer):
     def __init__(self, *args: Any, group_by_modality_length: bool = False,
                  module_lrs: dict[str, float | None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if getattr(self.args, "loss_normalization", "tokens") == "micro_batch":
+            # The model then gets no `num_items_in_batch`: its loss is the mean over the micro-batch and the Trainer
+            # divides by the accumulation steps (the official recipe), instead of one mean over the whole step.
+            self.model_accepts_loss_kwargs = False
         self.group_by_modality_length = group_by_modality_length
         self.module_lrs = module_lrs or {}
         self._counts = torch.zeros(3, dtype=torch.float64)  # samples, tokens, skipped since the last log
