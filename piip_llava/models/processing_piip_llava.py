@@ -113,7 +113,7 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
 class PiipLlavaImageProcessor(BaseImageProcessor):
     """PIL images -> `pixel_values` (N, 3, R, R) float32 at the highest branch resolution R.
 
-    Saved as `preprocessor_config.json`; `size` ({height, width} = R) is what vLLM reads to size its dummy images.
+    Saved inside `processor_config.json`; `size` ({height, width} = R) is what vLLM reads to size its dummy images.
     """
 
     model_input_names = ["pixel_values"]
