@@ -43,8 +43,18 @@ else MODEL_ARGS+=(--preset "${PRESET:-piip-llava_clip-bl_512-448_7B}"); fi
 [ -n "${LLM_PATH:-}" ] && MODEL_ARGS+=(--llm_path "$LLM_PATH")
 [ -n "${TOKENIZER_PATH:-}" ] && MODEL_ARGS+=(--tokenizer_path "$TOKENIZER_PATH")
 
+# ENGINE=deepspeed (default): ZeRO stage ZERO (3 | 2 | 3_offload | none = plain DDP).
+# ENGINE=fsdp: PyTorch FSDP2 through the Trainer; units = the model's `_no_split_modules` blocks (train.py,
+# fsdp_wrap_classes); FSDP_RESHARD=true frees the gathered weights after each unit's forward (ZeRO-3-like),
+# false keeps them until the backward (ZeRO-2-like, more memory, less communication). ZERO is ignored.
 DS_ARGS=()
-[ "$ZERO" != none ] && DS_ARGS+=(--deepspeed "$SCRIPT_DIR/zero${ZERO}.json")
+case "${ENGINE:-deepspeed}" in
+  deepspeed) [ "$ZERO" != none ] && DS_ARGS+=(--deepspeed "$SCRIPT_DIR/zero${ZERO}.json") ;;
+  fsdp)
+    case "${FSDP_RESHARD:=true}" in true | false) ;; *) echo "FSDP_RESHARD must be true or false" >&2; exit 2 ;; esac
+    DS_ARGS+=(--fsdp --fsdp_config "{\"version\": 2, \"reshard_after_forward\": $FSDP_RESHARD}") ;;
+  *) echo "ENGINE must be deepspeed or fsdp, got '$ENGINE'" >&2; exit 2 ;;
+esac
 if [ "$HAS_GPU" = 1 ]; then
   case "${PRECISION:-bf16}" in
     bf16) PREC_ARGS=(--bf16 true --tf32 true) ;;

@@ -3,7 +3,9 @@
     python -m piip_llava.train [run.yaml] --stage 1 --preset NAME --tokenizer_path DIR --data_path F.json \
         --image_folder DIR --output_dir OUT [--deepspeed scripts/zero2.json] [HF TrainingArguments ...]
 
-Launch multi-process with `torchrun` or `deepspeed` (see scripts/pretrain_piip_llava.sh). Stage 1 writes
+Launch multi-process with `torchrun` or `deepspeed` (see scripts/pretrain_piip_llava.sh). FSDP2 instead of
+DeepSpeed: `--fsdp --fsdp_config '{"version": 2}'`; the wrap units are the model's `_no_split_modules` (branch
+layers, interaction blocks, the LLM's decoder layers; see `fsdp_wrap_classes`). Stage 1 writes
 `OUT/mm_projector.safetensors` + `config.json`; stage 2 writes a full `save_pretrained` checkpoint (or a LoRA adapter
 folder with its `base/`) + tokenizer. `--resume auto` continues from the newest complete `OUT/checkpoint-N` (checkpoints
 are written under `OUT/.saving/` and renamed into place when complete; see `checkpoints.py`).
@@ -16,6 +18,7 @@ import sys
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from ..data.tokenizer import load_tokenizer
@@ -119,6 +122,54 @@ def prepare_model(model_args: ModelArguments, data_args: DataArguments, args: Pi
     return model
 
 
+def fsdp_wrap_classes(model: nn.Module) -> list[str]:
+    """Class names of the FSDP2 units: the `_no_split_modules` of the model and of the pretrained models inside it
+    (branch backbones, the LLM) whose instances are repeated blocks of an `nn.ModuleList`, e.g. CLIPEncoderLayer,
+    InteractionBlock, LlamaDecoderLayer.
+
+    A unit gathers its shards in its own `forward`, so a listed module whose forward the model never calls (CLIP's
+    `CLIPVisionEmbeddings`: the branch uses its patch and position embeddings directly) stays in the root unit.
+    Frozen units (a frozen tower) shard like trainable ones; parameters outside every unit (projector, embeddings,
+    norms) belong to the root unit, frozen and trainable side by side.
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            names.update(module._no_split_modules or ())
+    blocks = {type(block).__name__ for module in model.modules() if isinstance(module, nn.ModuleList)
+              for block in module}
+    return sorted(names & blocks)
+
+
+def configure_fsdp(model: nn.Module, args: PiipTrainingArguments) -> None:
+    """`--fsdp` without `transformer_layer_cls_to_wrap`: wrap the classes of `fsdp_wrap_classes` (accelerate's
+    default reads only the top-level `_no_split_modules`). Must run before the Trainer builds its FSDP plugin."""
+    plugin_args = args.fsdp_plugin_args
+    if not plugin_args or plugin_args.get("auto_wrap_policy") != "TRANSFORMER_BASED_WRAP":
+        return
+    if not plugin_args.get("transformer_cls_names_to_wrap"):
+        plugin_args["transformer_cls_names_to_wrap"] = ",".join(fsdp_wrap_classes(model))
+    logger.info("FSDP%s units: %s", plugin_args.get("fsdp_version"), plugin_args["transformer_cls_names_to_wrap"])
+
+
+def enable_fsdp_on_cpu(trainer: PiipTrainer) -> None:
+    """`--fsdp` under torchrun without a GPU (gloo): give the Trainer's accelerator the FSDP plugin it dropped.
+
+    accelerate (1.16) switches to `DistributedType.FSDP` only for GPU-like backends; on the CPU it keeps
+    `MULTI_CPU` and the run silently becomes DDP. PyTorch's FSDP2 itself runs on gloo, so set the state that
+    accelerate would have set on a GPU (in the shared state that every `AcceleratorState()` re-reads).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if not trainer.args.fsdp or trainer.is_fsdp_enabled or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
 def main(argv: list[str] | None = None) -> int:
     watch_launcher()  # under a launcher: stop when it is gone (a SIGKILL of the launch script's group)
     model_args, data_args, args = parse_args(argv)
@@ -137,12 +188,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: PiipTraini
     # the processor (tokenizer + `<image>` + image processor + chat template + code) is saved with every checkpoint
     processor = PiipLlavaProcessor.from_config(unwrap_piip(model).config, tokenizer)
     dataset, collator = build_data(data_args, args, unwrap_piip(model).config, processor)
+    configure_fsdp(model, args)
     trainer = PiipTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
         group_by_modality_length=data_args.group_by_modality_length,
         module_lrs={"branches": args.vision_lr, "interactions": args.interaction_lr, "projector": args.projector_lr},
         callbacks=[ProgressLogCallback()],
     )
+    enable_fsdp_on_cpu(trainer)
     trainer.train(resume_from_checkpoint=resume)
     out = save_final(trainer, args, processor)
     if args.should_log:
