@@ -34,6 +34,9 @@ setup(
         "train": ["deepspeed>=0.16", "tensorboard>=2.15"],
         "serve": ["gradio>=5,<7", "gradio_client>=1.5", "fastapi>=0.110", "uvicorn>=0.29"],
         "flash": ["flash-attn>=2.6"],
+        # lmms-eval 0.7 pins wandb==0.25 (protobuf<7), which sentencepiece>=0.2.3 cannot load its model proto
+        # with, and imports filelock._api (gone in filelock 4)
+        "lmms": ["lmms-eval>=0.7,<0.8", "sentencepiece>=0.2,<0.2.3", "filelock>=3.16,<4"],
         "dev": ["pytest>=8", "openai>=1.40", "playwright>=1.45", "httpx>=0.27"],
     },
 )
