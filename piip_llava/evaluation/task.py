@@ -12,9 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from piip_llava.evaluation.io import load_question_jsonl
 from piip_llava.evaluation.runner import QuestionRecord
 
-__all__ = ["DataLayout", "Task"]
+__all__ = ["DataLayout", "Task", "load_llava_questions"]
+
+
+def load_llava_questions(args: argparse.Namespace) -> list[QuestionRecord]:
+    """The `load_questions` of tasks that read a LLaVA question file as is (`--question-file`, `--image-folder`)."""
+    if not args.question_file:
+        raise SystemExit("error: --question-file is required to generate")
+    return load_question_jsonl(args.question_file, args.image_folder, image_decode=args.image_decode)
 
 
 @dataclass(frozen=True)

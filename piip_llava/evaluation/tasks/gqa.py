@@ -11,9 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from piip_llava.evaluation.io import answers_of, load_question_jsonl, read_json
-from piip_llava.evaluation.runner import QuestionRecord
-from piip_llava.evaluation.task import DataLayout, Task
+from piip_llava.evaluation.io import answers_of, read_json
+from piip_llava.evaluation.task import DataLayout, Task, load_llava_questions
 
 __all__ = ["TASK", "score_gqa", "write_gqa_predictions"]
 
@@ -51,12 +50,6 @@ def _add_arguments(p) -> None:
     p.add_argument("--gqa-questions", help="testdev_balanced_questions.json: compute the accuracy locally")
 
 
-def _load(args: argparse.Namespace) -> list[QuestionRecord]:
-    if not args.question_file:
-        raise SystemExit("error: --question-file is required to generate")
-    return load_question_jsonl(args.question_file, args.image_folder, image_decode=args.image_decode)
-
-
 def _score(args: argparse.Namespace, answers: Path) -> dict:
     dst = args.predictions or str(answers.parent / "testdev_balanced_predictions.json")
     n = len(write_gqa_predictions(answers, dst))
@@ -82,8 +75,8 @@ def _layout(data: Path, out: Path) -> DataLayout:
 
 TASK = Task(
     name="gqa", title="GQA", description="GQA testdev-balanced: predictions for eval.py (+ local exact match)",
-    add_arguments=_add_arguments, load_questions=_load, score=_score, format_summary=_format, layout=_layout,
-    max_new_tokens=128,
+    add_arguments=_add_arguments, load_questions=load_llava_questions, score=_score, format_summary=_format,
+    layout=_layout, max_new_tokens=128,
     usage="""example:
   python eval/gqa.py --model-path CKPT --question-file playground/data/eval/gqa/llava_gqa_testdev_balanced.jsonl \\
       --image-folder playground/data/eval/gqa/data/images --answers-file out/gqa.jsonl \\

@@ -10,9 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from piip_llava.evaluation.io import answers_of, load_question_jsonl
-from piip_llava.evaluation.runner import QuestionRecord
-from piip_llava.evaluation.task import DataLayout, Task
+from piip_llava.evaluation.io import answers_of
+from piip_llava.evaluation.task import DataLayout, Task, load_llava_questions
 
 __all__ = ["TASK", "write_mmvet_results"]
 
@@ -32,12 +31,6 @@ def _add_arguments(p) -> None:
     p.add_argument("--grader-score", type=float, help="total reported by the MM-Vet grader, for the results table")
 
 
-def _load(args: argparse.Namespace) -> list[QuestionRecord]:
-    if not args.question_file:
-        raise SystemExit("error: --question-file is required to generate")
-    return load_question_jsonl(args.question_file, args.image_folder, image_decode=args.image_decode)
-
-
 def _score(args: argparse.Namespace, answers: Path) -> dict:
     dst = args.results or str(answers.parent / "mmvet_results.json")
     n = len(write_mmvet_results(answers, dst))
@@ -54,7 +47,8 @@ def _layout(data: Path, out: Path) -> DataLayout:
 
 TASK = Task(
     name="mmvet", title="MMVet", description="MM-Vet: answers JSON for the GPT-4 grader (server-graded)",
-    add_arguments=_add_arguments, load_questions=_load, score=_score, layout=_layout, max_new_tokens=1024,
+    add_arguments=_add_arguments, load_questions=load_llava_questions, score=_score, layout=_layout,
+    max_new_tokens=1024,
     server_graded=True,
     format_summary=lambda s: f"{s['answers']} answers -> {s['results_file']} (grade with the MM-Vet GPT-4 evaluator)",
     usage="""example:

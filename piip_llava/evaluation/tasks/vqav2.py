@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 
 from piip_llava.evaluation.answer_processing import EvalAIAnswerProcessor
-from piip_llava.evaluation.io import answers_of, load_question_jsonl, read_jsonl
-from piip_llava.evaluation.runner import QuestionRecord
-from piip_llava.evaluation.task import DataLayout, Task
+from piip_llava.evaluation.io import answers_of, read_jsonl
+from piip_llava.evaluation.task import DataLayout, Task, load_llava_questions
 
 __all__ = ["TASK", "write_vqav2_submission"]
 
@@ -40,12 +39,6 @@ def _add_arguments(p) -> None:
     p.add_argument("--submission", help="output JSON (default: next to the answers)")
 
 
-def _load(args: argparse.Namespace) -> list[QuestionRecord]:
-    if not args.question_file:
-        raise SystemExit("error: --question-file is required to generate")
-    return load_question_jsonl(args.question_file, args.image_folder, image_decode=args.image_decode)
-
-
 def _score(args: argparse.Namespace, answers: Path) -> dict:
     dst = args.submission or str(answers.parent / "vqav2_submission.json")
     info = write_vqav2_submission(answers, args.test_split, dst)
@@ -61,7 +54,8 @@ def _layout(data: Path, out: Path) -> DataLayout:
 
 TASK = Task(
     name="vqav2", title="VQAv2", description="VQAv2 test-dev: EvalAI submission JSON (server-graded)",
-    add_arguments=_add_arguments, load_questions=_load, score=_score, layout=_layout, max_new_tokens=128,
+    add_arguments=_add_arguments, load_questions=load_llava_questions, score=_score, layout=_layout,
+    max_new_tokens=128,
     server_graded=True,
     format_summary=lambda s: f"total split: {s['total_split']}, answered: {s['answered']} -> {s['submission_file']} "
                              "(upload to EvalAI, test-dev)",
