@@ -160,7 +160,7 @@ def _pieces_to_text(pieces: list[Piece]) -> str:
     return "".join(IMAGE_PLACEHOLDER if p[0] is _IMAGE else p[1] for p in pieces)
 
 
-def _bos_ids(tokenizer) -> list[int]:
+def bos_ids(tokenizer) -> list[int]:
     """[BOS] when the tokenizer adds one on encode (Llama, Llama-3), else [] (Qwen)."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -179,7 +179,7 @@ def _check_no_image_token(ids: list[int], image_token_id: int) -> None:
 
 def _encode(pieces: list[Piece], tokenizer, image_token_id: int, with_labels: bool) -> tuple[list[int], list[int]]:
     """Tokenise pieces as LLaVA's `tokenizer_image_token` does, and label tokens by character offsets."""
-    ids: list[int] = list(_bos_ids(tokenizer))
+    ids: list[int] = list(bos_ids(tokenizer))
     labels: list[int] = [IGNORE_INDEX] * len(ids)
     chunks: list[list[Piece]] = [[]]
     for p in pieces:

@@ -31,6 +31,7 @@ from .configuration_piip_llava import AUTO_MAP, save_remote_code
 from ..constants import DEFAULT_MAX_IMAGE_PIXELS, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGENET_MEAN, IMAGENET_STD
 from ..data.conversation import (
     ConversationTemplate,
+    bos_ids,
     chat_template_jinja,
     get_template,
     tokenize_conversation,
@@ -46,10 +47,12 @@ ImageDecode = Literal["official", "friendly"]
 
 
 def load_image(source: str | bytes | os.PathLike | Image.Image, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               decode: ImageDecode = "friendly") -> Image.Image:
+               decode: ImageDecode = "friendly", square_canvas: bool = False) -> Image.Image:
     """Open a path / raw bytes / PIL image as an RGB PIL image.
 
-    Refuses images over `max_pixels` before decoding them. `decode="friendly"` (chat uploads) applies the EXIF
+    Refuses images over `max_pixels` before decoding them; with `square_canvas` (`pad` preprocessing pastes the
+    image on a square of its longer side) that square is held to the limit too, also from the header: a
+    64000 x 1000 image is 64 megapixels but would need a 4-gigapixel canvas. `decode="friendly"` (chat uploads) applies the EXIF
     orientation and composites transparency on white; `decode="official"` is what the official loaders do,
     `Image.open(p).convert('RGB')` (no EXIF rotation, alpha dropped), so evaluation and training data see the
     pixels the published models were trained and scored on. Raises `ImageLoadError` naming the source.
@@ -69,6 +72,10 @@ def load_image(source: str | bytes | os.PathLike | Image.Image, max_pixels: int 
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(fp)
                 w, h = image.size  # header only, nothing decoded yet
+                side = max(w, h)
+                if square_canvas and side * side > max_pixels:
+                    raise ImageLoadError(f"image of {w}x{h} pixels would be padded to a {side}x{side} square "
+                                         f"({side * side} pixels), over the limit of {max_pixels}")
                 if w * h > max_pixels:
                     raise ImageLoadError(f"image {name} has {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
                 image.load()
@@ -253,8 +260,9 @@ class PiipLlavaProcessor(ProcessorMixin):
                           "this package's own paths work, engines that tokenise whole prompts (vLLM) need the "
                           "checkpoint re-saved with align_image_token_id + save_processor", stacklevel=2)
             found = image_token_id
+        prefix = prompt_prefix(tokenizer)
         if chat_template is None:
-            chat_template = chat_template_jinja(template, prompt_prefix(tokenizer))
+            chat_template = chat_template_jinja(template, prefix)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_token = image_token
         self.num_image_tokens = int(num_image_tokens)
@@ -266,6 +274,7 @@ class PiipLlavaProcessor(ProcessorMixin):
                 "trained with)")
         self.image_token_id = found
         self._image_tail = _tail_after_special(tokenizer, image_token)
+        self._prompt_prefix, self._bos = prefix, bos_ids(tokenizer)  # probed once: encode_text runs per request
 
     @classmethod
     def from_config(cls, config, tokenizer, aspect_mode: Literal["pad", "square"] | None = None,
@@ -318,12 +327,10 @@ class PiipLlavaProcessor(ProcessorMixin):
         """LLaVA's `tokenizer_image_token` with each image slot expanded to `num_image_tokens` ids."""
         tok = self.tokenizer
         has_bos = False
-        prefix = prompt_prefix(tok)
+        prefix = self._prompt_prefix
         if prefix and text.startswith(prefix):  # the chat template writes BOS (+ a space) itself
             text, has_bos = text[len(prefix):], True
-        ids: list[int] = []
-        if (has_bos or add_special_tokens) and _adds_bos(tok):
-            ids.append(tok.bos_token_id)
+        ids: list[int] = list(self._bos) if has_bos or add_special_tokens else []
         for i, chunk in enumerate(text.split(self.image_token)):
             if i > 0:
                 ids.extend([self.image_token_id] * self.num_image_tokens)
@@ -404,18 +411,10 @@ def save_processor(config, tokenizer, out_dir: str) -> PiipLlavaProcessor:
     return processor
 
 
-def _adds_bos(tokenizer) -> bool:
-    """True when the tokenizer puts BOS in front on encode (Llama, Llama-3); False for Qwen2."""
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
 def prompt_prefix(tokenizer) -> str:
     """What the chat template writes before the conversation: BOS (for tokenizers that add one) followed by the text
     that makes a one-pass encoding start the first chunk as a fresh encoding does; "" for Qwen2."""
-    if not _adds_bos(tokenizer):
+    if not bos_ids(tokenizer):
         return ""
     return tokenizer.bos_token + _tail_after_special(tokenizer, tokenizer.bos_token, probe="A chat")
 

@@ -305,9 +305,10 @@ def create_app(engine: InferenceEngine, model_name: str = "piip-llava", image_di
         """Parse, validate and queue one request (runs in a worker thread: image decoding, tokenisation)."""
         request = to_chat_request(req, engine, image_dir)
         try:
-            prompt_tokens = len(engine.prompt_ids(request))
+            prompt_ids = engine.prompt_ids(request)
         except ConversationFormatError as e:
             raise APIError(str(e), param="messages") from e
+        prompt_tokens = len(prompt_ids)
         room = engine.max_context - prompt_tokens
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, min(default_max_tokens, room))
         if prompt_tokens + max_tokens > engine.max_context:
@@ -319,7 +320,7 @@ def create_app(engine: InferenceEngine, model_name: str = "piip-llava", image_di
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         params = GenerationParams(max_tokens, req.temperature, req.top_p, tuple(s for s in stop if s), req.ignore_eos)
         try:
-            return sched.submit(request, params, sink)
+            return sched.submit(request, params, sink, prompt_ids)
         except QueueFullError as e:
             raise APIError(str(e), status=429, type="rate_limit_error", code="rate_limit_exceeded") from e
 

@@ -6,7 +6,6 @@ tokens of one request. Prompts use the model's conversation template; stop strin
 """
 from __future__ import annotations
 
-import io
 import os
 import queue
 import re
@@ -21,7 +20,7 @@ from PIL import Image
 from ..constants import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.conversation import ConversationTemplate, get_template
 from ..data.tokenizer import load_tokenizer
-from ..models import ImageLoadError, PiipLlavaForConditionalGeneration, PiipLlavaProcessor, load_image
+from ..models import PiipLlavaForConditionalGeneration, PiipLlavaProcessor, load_image
 
 
 class PromptTooLongError(ValueError):
@@ -52,6 +51,14 @@ def pick_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tu
     return dev, dtype
 
 
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first occurrence of each stop string, stripped (the answer the user sees)."""
+    for s in stops:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text.strip()
+
+
 class IncrementalText:
     """Token ids in, text deltas out, such that the deltas concatenate to the final (stop-cut, stripped) answer.
 
@@ -70,10 +77,7 @@ class IncrementalText:
         self.stopped = False
 
     def _cut(self, text: str) -> str:
-        for s in self.stops:
-            if s in text:
-                text = text[: text.index(s)]
-        return text.strip()
+        return cut_at_stops(text, self.stops)
 
     def push(self, token_id: int) -> str:
         """Add one id; returns the new visible text (may be ""). Sets `stopped` when a stop string appeared."""
@@ -174,22 +178,9 @@ class InferenceEngine:
 
     # ---- prompt building ----
     def open_image(self, source: str | bytes | Image.Image) -> Image.Image:
-        """Path / bytes / PIL -> RGB image, refusing files over the pixel limit (ImageLoadError).
-
-        With `pad` preprocessing the image is pasted on a square of its longer side, so that square is held to the
-        limit too, read from the header before anything is decoded (a 64000 x 1000 image is 64 megapixels but
-        would need a 4-gigapixel canvas)."""
-        if self.image_processor.aspect_mode == "pad" and not isinstance(source, Image.Image):
-            try:
-                with Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source) as header:
-                    w, h = header.size
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                w = h = 0  # not an image / unreadable: load_image says so with its own message
-            side = max(w, h)
-            if side * side > self.max_image_pixels:
-                raise ImageLoadError(f"image of {w}x{h} pixels would be padded to a {side}x{side} square "
-                                     f"({side * side} pixels), over the limit of {self.max_image_pixels}")
-        return load_image(source, self.max_image_pixels)
+        """Path / bytes / PIL -> RGB image, refusing files over the pixel limit, or whose padded square canvas is
+        (`pad` preprocessing), before decoding them (ImageLoadError)."""
+        return load_image(source, self.max_image_pixels, square_canvas=self.image_processor.aspect_mode == "pad")
 
     def prompt_ids(self, request: ChatRequest) -> list[int]:
         return self.processor.encode_messages(request.messages, request.image is not None, self.template)
@@ -215,9 +206,11 @@ class InferenceEngine:
             messages = messages[2:]
             truncated = True
 
-    def prepare(self, requests: Sequence[ChatRequest]) -> dict[str, torch.Tensor]:
-        """Left-padded batch: input_ids, attention_mask, pixel_values (images in request order)."""
-        seqs = [self.prompt_ids(r) for r in requests]
+    def prepare(self, requests: Sequence[ChatRequest],
+                prompt_ids: Sequence[list[int]] | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded batch: input_ids, attention_mask, pixel_values (images in request order). `prompt_ids`:
+        the requests' `self.prompt_ids`, when the caller already has them."""
+        seqs = list(prompt_ids) if prompt_ids is not None else [self.prompt_ids(r) for r in requests]
         length = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
@@ -250,12 +243,6 @@ class InferenceEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _cut(self, text: str, stop: Sequence[str] | None) -> str:
-        for s in [self.template.stop_str, *(stop or [])]:
-            if s and s in text:
-                text = text[: text.index(s)]
-        return text.strip()
-
     # ---- generation ----
     @torch.inference_mode()
     def generate(self, requests: Sequence[ChatRequest], max_new_tokens: int = 128, temperature: float = 0.0,
@@ -268,7 +255,7 @@ class InferenceEngine:
             out = self.model.generate(**batch, **self._generation_kwargs(max_new_tokens, temperature, top_p, stop))
         new = out[:, batch["input_ids"].shape[1]:]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return [self._cut(t, stop) for t in texts]
+        return [cut_at_stops(t, [self.template.stop_str, *(stop or [])]) for t in texts]
 
     def stream(self, request: ChatRequest, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                stop: Sequence[str] | None = None) -> Iterator[str]:
@@ -318,9 +305,6 @@ class InferenceEngine:
         tail = text.finish()
         if tail:
             yield tail
-
-    def _stopped(self, text: str, stop: Sequence[str] | None) -> bool:
-        return any(s and s in text for s in [self.template.stop_str, *(stop or [])])
 
 
 def _is_official_checkpoint(path: str) -> bool:

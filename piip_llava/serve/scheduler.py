@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,9 +62,13 @@ class Job:
     token_ids: list[int] = field(default_factory=list)  # generated ids, the stop/EOS token included
     text: str = ""
     finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
+    prompt_ids: list[int] = field(default_factory=list)  # tokenised once, when submitted
     submitted_at: float = field(default_factory=time.perf_counter)
     _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
     def emit(self, kind: str, value: Any) -> None:
         (self.sink or self.events.put)((kind, value))
@@ -152,9 +156,10 @@ class BatchScheduler:
 
     # ---- producer side ----
     def submit(self, request: ChatRequest, params: GenerationParams,
-               sink: Callable[[tuple[str, Any]], None] | None = None) -> Job:
+               sink: Callable[[tuple[str, Any]], None] | None = None, prompt_ids: list[int] | None = None) -> Job:
+        """Queue `request`; `prompt_ids` when the caller has already tokenised it (`engine.prompt_ids`)."""
         job = Job(request, params, sink)
-        job.prompt_tokens = len(self.engine.prompt_ids(request))
+        job.prompt_ids = prompt_ids if prompt_ids is not None else self.engine.prompt_ids(request)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -224,7 +229,7 @@ class BatchScheduler:
     @torch.inference_mode()
     def _run(self, jobs: list[Job]) -> None:
         engine = self.engine
-        inputs = engine.prepare([j.request for j in jobs])
+        inputs = engine.prepare([j.request for j in jobs], [j.prompt_ids for j in jobs])
         params = jobs[0].params
         longest = max(j.params.max_new_tokens for j in jobs)
         kwargs = engine._generation_kwargs(longest, params.temperature, params.top_p, None)
