@@ -19,8 +19,6 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,8 @@ from collections import Counter
 
 import httpx
 from PIL import Image
+
+from piip_llava.testing import free_port, stop_process_group, wait_until_healthy
 
 KEY = "load-test-key"
 KINDS = ["good_stream", "good_plain", "bad_image", "oversized_body", "huge_canvas", "disconnect", "wrong_key"]
@@ -94,10 +94,7 @@ def one(client: httpx.Client, base: str, kind: str, images: dict[str, str]) -> t
 
 
 def run(ckpt: str, clients: int, seconds: float, threads: int = 2, timeout: float = 120.0) -> dict:
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    number = port.getsockname()[1]
-    port.close()
+    number = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "piip_llava.serve.api", "--model-path", ckpt, "--port", str(number),
@@ -114,16 +111,7 @@ def run(ckpt: str, clients: int, seconds: float, threads: int = 2, timeout: floa
     lock = threading.Lock()
     finished = threading.Event()
     try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, f"server exited, see {log.name}"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, f"server did not start, see {log.name}"
-            time.sleep(0.5)
+        wait_until_healthy(proc, base, 300, log.name, poll_s=0.5)
         with httpx.Client(timeout=timeout) as c:  # warm-up, then the memory baseline
             one(c, base, "good_plain", images)
         rss_start = _rss_kb(proc.pid)
@@ -168,11 +156,7 @@ def run(ckpt: str, clients: int, seconds: float, threads: int = 2, timeout: floa
         watcher.join(5)
     finally:
         finished.set()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc, timeout_s=30)
     five_xx = sum(n for (k, o), n in outcomes.items() if o.startswith("5"))
     return {"clients": clients, "seconds": seconds, "requests": sum(outcomes.values()),
             "by_kind": {f"{k}:{o}": n for (k, o), n in sorted(outcomes.items())},

@@ -21,7 +21,6 @@ import base64
 import io
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import time
 
 import httpx
 from PIL import Image
+
+from piip_llava.testing import free_port, stop_process_group, wait_until_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,16 +42,8 @@ def _image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(kind: str, ckpt: str, threads: int, log_dir: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     if kind == "ours":
         cmd = [sys.executable, "-m", "piip_llava.serve.api", "--model", ckpt, "--port", str(port),
@@ -61,26 +54,8 @@ def start_server(kind: str, ckpt: str, threads: int, log_dir: str) -> tuple[subp
     log = open(os.path.join(log_dir, f"{kind}.log"), "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{kind} server exited ({proc.returncode}); see {log.name}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError(f"{kind} server did not start in 600 s; see {log.name}")
-        time.sleep(1)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    wait_until_healthy(proc, base, 600, log.name)
+    return proc, base
 
 
 async def one_request(client: httpx.AsyncClient, base: str, kind: str, seed: int, max_tokens: int) -> dict:
@@ -162,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{kind:5s} {c:3d} clients: {row['tokens_per_s']:8.1f} tok/s  p50 {row['p50_s']:.2f} s  "
                           f"p95 {row['p95_s']:.2f} s  TTFT p50 {row['ttft_p50_s']:.2f} s", flush=True)
             finally:
-                stop_server(proc)
+                stop_process_group(proc)
     print("\n| server | clients | requests | tokens/s | p50 latency (s) | p95 latency (s) | TTFT p50 (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

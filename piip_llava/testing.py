@@ -1,7 +1,14 @@
-"""Tiny checkpoints for tests, benchmarks and the quickstart (no download: random weights + a local tokenizer)."""
+"""Tiny checkpoints for tests, benchmarks and the quickstart (no download: random weights + a local tokenizer), and
+loopback servers for the serving tests and benchmarks."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
 
 import torch
 
@@ -33,3 +40,67 @@ def build_tiny_checkpoint(out_dir: str, preset: str = "tiny-piip2_clip_64-128", 
     model.save_pretrained(out_dir)
     save_processor(model.config, tokenizer, out_dir)
     return out_dir
+
+
+# ---- servers on loopback, for tests and benchmarks ----
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, port: int | None = None, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Run an ASGI `app` with uvicorn in a daemon thread on 127.0.0.1; yields its base URL, stops it on exit."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + start_timeout_s
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_until_healthy(proc: subprocess.Popen, base: str, timeout_s: float, log_path: str,
+                       poll_s: float = 1.0) -> None:
+    """Wait for `GET base/health` to answer 200 from the server process `proc`; RuntimeError with the end of its
+    log when it exits or does not come up within `timeout_s`."""
+    import httpx
+
+    def tail() -> str:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-4000:]
+
+    deadline = time.time() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{tail()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"the server did not start in {timeout_s:.0f} s:\n{tail()}")
+        time.sleep(poll_s)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM the process group `proc` leads (started with start_new_session=True), SIGKILL if it lingers."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -2,8 +2,6 @@
 OpenAI backend against our own API server gives the in-process greedy answers."""
 import json
 import shutil
-import threading
-import time
 
 import pytest
 
@@ -72,29 +70,14 @@ def test_retrained_checkpoint_in_same_folder_is_not_scored_with_old_answers(tmp_
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tokenizer_dir):
-    import uvicorn
-
     from piip_llava.serve.api import create_app
     from piip_llava.serve.inference import InferenceEngine
-    from piip_llava.testing import build_tiny_checkpoint
+    from piip_llava.testing import build_tiny_checkpoint, serve_in_thread
 
     ckpt = build_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), tokenizer_dir=tokenizer_dir, gate_scale=0.5)
     engine = InferenceEngine.load(ckpt, device="cpu", dtype="float32")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield ckpt, f"http://127.0.0.1:{port}/v1"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(engine, "tiny")) as base:
+        yield ckpt, f"{base}/v1"
 
 
 def test_openai_backend_equals_in_process_greedy(served, textvqa_fixture, tmp_path, capsys):

@@ -1,6 +1,4 @@
 """Shared pieces of the serving tests: a tiny checkpoint per test module, a loaded engine, test images, free ports."""
-import socket
-
 import pytest
 from PIL import Image
 
@@ -10,9 +8,9 @@ MAX_PIXELS = 200_000  # the engine used in these tests refuses bigger images (60
 @pytest.fixture(scope="module")
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from piip_llava.testing import free_port as pick
+
+    return pick()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """OpenAI-compatible API served by uvicorn in a thread, driven with the official `openai` client."""
 import base64
-import threading
-import time
 
 import httpx
 import openai
@@ -16,22 +14,11 @@ MAX_TOKENS = 16
 def server(engine, free_port, images):
     import os
 
-    import uvicorn
-
     from piip_llava.serve.api import create_app
+    from piip_llava.testing import serve_in_thread
 
-    port = free_port
-    app = create_app(engine, "tiny", image_dir=os.path.dirname(images["red"]))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(engine, "tiny", image_dir=os.path.dirname(images["red"])), free_port) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

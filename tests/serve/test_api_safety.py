@@ -13,6 +13,7 @@ from PIL import Image
 
 from piip_llava.serve.inference import ChatRequest
 from piip_llava.serve.scheduler import BatchScheduler, GenerationParams
+from piip_llava.testing import serve_in_thread
 
 KEY = "s3cret-key"
 
@@ -21,19 +22,6 @@ def _png_url(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _serve(app, port):
-    import uvicorn
-
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    return srv, thread
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +49,8 @@ def server(engine, free_port, folders, scheduler):
 
     app = create_app(engine, "tiny", image_dir=folders["allowed"], api_key=KEY, max_body_bytes=200_000,
                      scheduler=scheduler)
-    srv, thread = _serve(app, free_port)
-    yield f"http://127.0.0.1:{free_port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app, free_port) as base:
+        yield base
 
 
 def post(server, body, key=KEY, **kw):
@@ -160,42 +146,31 @@ def test_concurrent_requests_are_batched_and_equal_sequential(server, engine, sc
     assert scheduler.largest_batch > 1 and scheduler.batches_run - before < len(prompts)
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_queue_limit_answers_429_at_once(engine):
     """Batch size 1, one waiting place: a running request, a waiting one, then the next gets 429 immediately."""
     from piip_llava.serve.api import create_app
 
     sched = BatchScheduler(engine, max_batch_size=1, max_queue=1)
-    srv, thread = _serve(create_app(engine, "tiny", scheduler=sched), _port())
-    base = f"http://127.0.0.1:{srv.config.port}"
     try:
-        long = {"messages": [user("a long answer please")], "max_tokens": 300, "temperature": 0}
-        first = threading.Thread(target=lambda: httpx.post(f"{base}/v1/chat/completions", json=long, timeout=120))
-        first.start()
-        deadline = time.time() + 30
-        while not sched.busy:
-            assert time.time() < deadline
-            time.sleep(0.01)
-        second = threading.Thread(target=lambda: httpx.post(f"{base}/v1/chat/completions", json=long, timeout=120))
-        second.start()
-        while sched.waiting < 1:
-            assert time.time() < deadline
-            time.sleep(0.01)
-        t0 = time.perf_counter()
-        err = assert_error(httpx.post(f"{base}/v1/chat/completions", json=long, timeout=30), 429, "limit is 1")
-        assert err["code"] == "rate_limit_exceeded" and time.perf_counter() - t0 < 2.0
-        first.join(120)
-        second.join(120)
+        with serve_in_thread(create_app(engine, "tiny", scheduler=sched)) as base:
+            long = {"messages": [user("a long answer please")], "max_tokens": 300, "temperature": 0}
+            first = threading.Thread(target=lambda: httpx.post(f"{base}/v1/chat/completions", json=long, timeout=120))
+            first.start()
+            deadline = time.time() + 30
+            while not sched.busy:
+                assert time.time() < deadline
+                time.sleep(0.01)
+            second = threading.Thread(target=lambda: httpx.post(f"{base}/v1/chat/completions", json=long, timeout=120))
+            second.start()
+            while sched.waiting < 1:
+                assert time.time() < deadline
+                time.sleep(0.01)
+            t0 = time.perf_counter()
+            err = assert_error(httpx.post(f"{base}/v1/chat/completions", json=long, timeout=30), 429, "limit is 1")
+            assert err["code"] == "rate_limit_exceeded" and time.perf_counter() - t0 < 2.0
+            first.join(120)
+            second.join(120)
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         sched.close()
 
 
@@ -284,17 +259,14 @@ def test_generation_failure_is_a_500_error_object_and_the_server_survives(engine
     from piip_llava.serve.api import create_app
 
     sched = _FailingScheduler(engine, max_batch_size=2, max_queue=4)
-    srv, thread = _serve(create_app(engine, "tiny", scheduler=sched), _port())
-    base = f"http://127.0.0.1:{srv.config.port}"
     try:
-        body = {"messages": [user("hi")], "max_tokens": 4}
-        err = assert_error(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60), 500, "injected")
-        assert err["type"] == "server_error"
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
-            lines = [ln for ln in r.iter_lines() if ln]
-        assert any('"server_error"' in ln for ln in lines) and lines[-1] == "data: [DONE]"
-        assert httpx.get(f"{base}/health", timeout=5).json()["status"] == "ok"
+        with serve_in_thread(create_app(engine, "tiny", scheduler=sched)) as base:
+            body = {"messages": [user("hi")], "max_tokens": 4}
+            err = assert_error(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60), 500, "injected")
+            assert err["type"] == "server_error"
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+                lines = [ln for ln in r.iter_lines() if ln]
+            assert any('"server_error"' in ln for ln in lines) and lines[-1] == "data: [DONE]"
+            assert httpx.get(f"{base}/health", timeout=5).json()["status"] == "ok"
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         sched.close()

@@ -5,9 +5,7 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
-import time
 
 import httpx
 import pytest
@@ -15,6 +13,7 @@ import torch
 from PIL import Image
 
 from piip_llava.serve.inference import ChatRequest, InferenceEngine
+from piip_llava.testing import stop_process_group, wait_until_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV = os.environ.get("VLLM_VENV", os.path.join(ROOT, ".venv-vllm"))
@@ -56,24 +55,10 @@ def vllm_server(checkpoint, free_port, tmp_path_factory):
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{free_port}"
     try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vLLM exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, f"vLLM did not start in 600 s:\n{log_path.read_text()[-4000:]}"
-            time.sleep(2)
+        wait_until_healthy(proc, base, 600, str(log_path), poll_s=2)
         yield base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")
