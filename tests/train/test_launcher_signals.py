@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 
+from piip_llava.testing import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARK = "PIIP_TEST_RUN_TOKEN"  # every process the launch starts inherits it: found in /proc/*/environ
 
@@ -29,12 +31,6 @@ def processes_with(token: str) -> list[int]:
         except OSError:
             continue
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, period: float = 0.25) -> bool:
@@ -73,6 +69,19 @@ def read(path: str) -> str:
         return f.read()
 
 
+def kill_everything(proc, token) -> None:
+    """Cleanup after a signal test: SIGKILL every process of the run and the script's group, whatever is left."""
+    for pid in processes_with(token):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,nproc", [("SIGKILL", 2), ("SIGKILL", 1), ("SIGTERM", 2), ("SIGTERM", 1),
                                         ("SIGINT", 2), ("SIGINT", 1)])
@@ -96,15 +105,7 @@ def test_stopping_the_launch_script_stops_its_training(tmp_path, data, tokenizer
         if sig == signal.SIGKILL:  # a worker stopped itself and said why (a second one may fail on its peer first)
             assert "has exited: stopping training process" in read(log_path), read(log_path)[-3000:]
     finally:
-        for pid in processes_with(token):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_everything(proc, token)
         proc.wait(timeout=30)
         log.close()
 
@@ -121,15 +122,7 @@ def test_sigkill_of_the_script_alone_stops_torchrun_and_workers(tmp_path, data, 
         assert wait_for(lambda: not processes_with(token), 60), processes_with(token)
         assert not os.path.exists(os.path.join(out, "model.safetensors"))
     finally:
-        for pid in processes_with(token):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_everything(proc, token)
         log.close()
 
 
