@@ -46,13 +46,21 @@ else MODEL_ARGS+=(--preset "${PRESET:-piip-llava_clip-bl_512-448_7B}"); fi
 # ENGINE=deepspeed (default): ZeRO stage ZERO (3 | 2 | 3_offload | none = plain DDP).
 # ENGINE=fsdp: PyTorch FSDP2 through the Trainer; units = the model's `_no_split_modules` blocks (train.py,
 # fsdp_wrap_classes); FSDP_RESHARD=true frees the gathered weights after each unit's forward (ZeRO-3-like),
-# false keeps them until the backward (ZeRO-2-like, more memory, less communication). ZERO is ignored.
+# false keeps them until the backward (ZeRO-2-like, more memory, less communication). FSDP_STATE_DICT=sharded
+# (default) writes each rank's model and optimizer shards to checkpoint-N with torch.distributed.checkpoint;
+# full gathers both onto rank 0 (host memory of the whole optimizer state there). Either way the final folder and
+# every checkpoint also hold the gathered model.safetensors. ZERO is ignored.
 DS_ARGS=()
 case "${ENGINE:-deepspeed}" in
   deepspeed) [ "$ZERO" != none ] && DS_ARGS+=(--deepspeed "$SCRIPT_DIR/zero${ZERO}.json") ;;
   fsdp)
     case "${FSDP_RESHARD:=true}" in true | false) ;; *) echo "FSDP_RESHARD must be true or false" >&2; exit 2 ;; esac
-    DS_ARGS+=(--fsdp --fsdp_config "{\"version\": 2, \"reshard_after_forward\": $FSDP_RESHARD}") ;;
+    case "${FSDP_STATE_DICT:=sharded}" in
+      sharded) FSDP_SD=SHARDED_STATE_DICT ;;
+      full) FSDP_SD=FULL_STATE_DICT ;;
+      *) echo "FSDP_STATE_DICT must be sharded or full, got '$FSDP_STATE_DICT'" >&2; exit 2 ;;
+    esac
+    DS_ARGS+=(--fsdp --fsdp_config "{\"version\": 2, \"reshard_after_forward\": $FSDP_RESHARD, \"state_dict_type\": \"$FSDP_SD\"}") ;;
   *) echo "ENGINE must be deepspeed or fsdp, got '$ENGINE'" >&2; exit 2 ;;
 esac
 if [ "$HAS_GPU" = 1 ]; then

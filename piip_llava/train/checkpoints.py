@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 STAGING_DIR = ".saving"  # under OUT; not matched by the Trainer's `checkpoint-*` globs
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+# accelerate's FSDP checkpoint names (save_fsdp_model / save_fsdp_optimizer, model and optimizer index 0)
+FSDP_MODEL_DCP, FSDP_OPTIMIZER_DCP = "pytorch_model_fsdp_0", "optimizer_0"
+FSDP_MODEL_FILE, FSDP_OPTIMIZER_FILE = "pytorch_model_fsdp.bin", "optimizer.bin"
 
 
 def checkpoint_step(name: str) -> int | None:
@@ -61,11 +64,31 @@ def _deepspeed_problem(path: str) -> str | None:
     return _files_problem([os.path.join(folder, n) for n in states if n.endswith(".pt")])
 
 
+def _fsdp_problem(path: str) -> str | None:
+    """FSDP state as accelerate writes it: sharded (DCP folders `pytorch_model_fsdp_0/`, `optimizer_0/`, each
+    complete once its `.metadata` exists: DCP writes it after every rank's shards) or full (`pytorch_model_fsdp.bin`,
+    `optimizer.bin`)."""
+    if os.path.isdir(os.path.join(path, FSDP_MODEL_DCP)):
+        for folder in (FSDP_MODEL_DCP, FSDP_OPTIMIZER_DCP):
+            if not os.path.isfile(os.path.join(path, folder, ".metadata")):
+                return f"FSDP sharded state {folder}/ has no .metadata (its save was interrupted)"
+        return None
+    for name in (FSDP_MODEL_FILE, FSDP_OPTIMIZER_FILE):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"FSDP state without {name}"
+    return _files_problem([os.path.join(path, FSDP_MODEL_FILE), os.path.join(path, FSDP_OPTIMIZER_FILE)])
+
+
+def is_fsdp_checkpoint(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, n)) for n in (FSDP_MODEL_DCP, FSDP_MODEL_FILE))
+
+
 def checkpoint_problems(path: str) -> list[str]:
     """Why the Trainer could not resume exactly from folder `path` (empty: it can).
 
     Needs `trainer_state.json` (readable, with `global_step`), the model weights (full or LoRA adapter), the optimizer
-    and scheduler states (or DeepSpeed's engine state) and the RNG states; weight and state files must not be cut.
+    and scheduler states (or DeepSpeed's engine state, or FSDP's model and optimizer state) and the RNG states;
+    weight and state files must not be cut.
     """
     if not os.path.isdir(path):
         return ["no such folder"]
@@ -91,6 +114,11 @@ def checkpoint_problems(path: str) -> list[str]:
     if os.path.isfile(os.path.join(path, "latest")) or any(n.startswith("global_step") for n in os.listdir(path)):
         if problem := _deepspeed_problem(path):
             problems.append(problem)
+    elif is_fsdp_checkpoint(path):
+        if problem := _fsdp_problem(path):
+            problems.append(problem)
+        if not os.path.isfile(os.path.join(path, "scheduler.pt")):
+            problems.append("no scheduler.pt")
     else:
         for name in ("optimizer.pt", "scheduler.pt"):
             if not os.path.isfile(os.path.join(path, name)):

@@ -98,6 +98,16 @@ class PiipTrainer(Trainer):
                                            lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
+    # ---- weights: full under FSDP whatever its checkpoint state-dict type ----
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP with a sharded state dict the Trainer writes no `from_pretrained` weights (only the DCP shards
+        of the checkpoint), so gather the full state dict here (collective on every rank; rank 0 writes). The
+        checkpoints and the final folder then load with `from_pretrained` as under DeepSpeed and DDP."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if not self.is_fsdp_enabled or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir or self.args.output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+
     # ---- checkpoints: written under OUT/.saving/, renamed into place when complete ----
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
