@@ -112,9 +112,6 @@ class PiipTrainingArguments(TrainingArguments):
             raise ValueError(f"--tune must be one of {TUNE_POLICIES}, got {self.tune!r}")
         if self.loss_normalization not in ("micro_batch", "tokens"):
             raise ValueError(f"--loss_normalization must be 'micro_batch' or 'tokens', got {self.loss_normalization!r}")
-        if self.fsdp and self.stage == 1 and self.tune in ("projector", "projector+interactions"):
-            raise ValueError("--fsdp with stage 1 and --tune projector*: the stage-1 files are written from unsharded "
-                             "modules; use --deepspeed scripts/zero2.json (or zero3.json) for stage 1")
         if self.qlora and self.tune != "lora":
             raise ValueError("--qlora needs --tune lora")
         if self.qlora and not torch.cuda.is_available():

@@ -227,8 +227,16 @@ def unwrap_piip(model: nn.Module) -> PiipLlavaForConditionalGeneration:
     return model
 
 
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard (DTensor) -> the whole tensor (an all-gather: collective, same order on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def gathered_state_dict(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """Full CPU copies of `module`'s parameters and buffers (gathers ZeRO-3 partitions; collective on all ranks)."""
+    """Full CPU copies of `module`'s parameters and buffers; gathers ZeRO-3 partitions and FSDP2 shards, so call it
+    on every rank."""
     params = list(module.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)
     if partitioned:
@@ -238,13 +246,14 @@ def gathered_state_dict(module: nn.Module, prefix: str) -> dict[str, torch.Tenso
     else:
         ctx = contextlib.nullcontext()
     with ctx:
-        return {f"{prefix}{k}": v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+        return {f"{prefix}{k}": _full_tensor(v.detach()).to("cpu", torch.float32).clone()
+                for k, v in module.state_dict().items()}
 
 
 def save_stage1_weights(model: nn.Module, out_dir: str, tune: str, should_save: bool) -> list[str]:
     """Write the projector (and the interactions when they trained) + config.json; returns the files written.
 
-    Call on every rank (ZeRO-3 gathering is collective); only `should_save` ranks write.
+    Call on every rank (ZeRO-3 and FSDP gathering is collective); only `should_save` ranks write.
     """
     piip = unwrap_piip(model)
     parts = [(piip.multi_modal_projector, "multi_modal_projector.", PROJECTOR_FILE)]
