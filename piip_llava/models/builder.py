@@ -57,7 +57,9 @@ def load_vit_state_dict(cfg: BranchConfig) -> dict[str, torch.Tensor]:
         if pos_key in state:
             table = state[pos_key]
             flat = table[0] if table.ndim == 3 else table
-            flat = resample_position_grid(flat, int(size) // cfg.patch_size, has_cls=cfg.type != "siglip")
+            # a kept pretrained stride (patch_stride) keeps the pretrained grid: resampling is then the identity
+            grid = int(size) // (cfg.patch_stride or cfg.patch_size)
+            flat = resample_position_grid(flat, grid, has_cls=cfg.type != "siglip")
             state[pos_key] = flat[None] if table.ndim == 3 else flat
         logger.info("resampled %s patch embedding to %d and its position grid", cfg.pretrained, cfg.patch_size)
     return {k: v for k, v in state.items() if not k.endswith("position_ids")}

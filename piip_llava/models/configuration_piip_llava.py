@@ -73,8 +73,15 @@ class BranchConfig:
     backbone: dict[str, Any]
     pretrained: str | None = None
     patch_size: int | None = None  # ViT run-time patch size; the pretrained kernel is resampled when it differs
+    # ViT conv stride when it is not patch_size (CLIP only): the official CLIP wrapper resizes a pretrained kernel to
+    # patch_size but keeps the pretrained stride and position grid, so backbone["patch_size"] must equal it
+    patch_stride: int | None = None
     use_cls_token: bool = True  # ViT: class token joins self-attention but never interactions
-    interaction_indexes: list[list[int]] = field(default_factory=list)  # inclusive [start, end] block ranges
+    # inclusive [start, end] block ranges, run in order, one before each interaction
+    interaction_indexes: list[list[int]] = field(default_factory=list)
+    # True: the ranges tile blocks 0..depth-1 in order (a typo fails early). False (official checkpoints whose ranges
+    # leave blocks out, overlap or are empty, [s, s - 1]): the ranges run as given and a block in no range never runs.
+    strict_ranges: bool = True
     select_layer: int = -1  # output of this block (-1 = last, -2 = penultimate: LLaVA-1.5 baseline)
 
     def __post_init__(self) -> None:
@@ -83,6 +90,8 @@ class BranchConfig:
         if self.image_size <= 0:
             raise ValueError(f"branch image_size must be positive, got {self.image_size}")
         self.interaction_indexes = [list(map(int, r)) for r in self.interaction_indexes]
+        if any(len(r) != 2 for r in self.interaction_indexes):
+            raise ValueError(f"interaction_indexes {self.interaction_indexes} must be [start, end] pairs")
         if self.type in VIT_TYPES:
             hidden, heads = self.backbone.get("hidden_size"), self.backbone.get("num_attention_heads")
             if hidden is None or heads is None or "num_hidden_layers" not in self.backbone:
@@ -100,6 +109,16 @@ class BranchConfig:
                 raise ValueError(
                     f"{self.type} branch: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
                 )
+            if self.patch_stride is not None:
+                self.patch_stride = int(self.patch_stride)
+                pretrained_patch = int(self.backbone.get("patch_size", 16))
+                kept = self.type == "clip" and self.patch_stride == pretrained_patch
+                if self.patch_stride != self.patch_size and not kept:
+                    raise ValueError(
+                        f"{self.type} branch: patch_stride {self.patch_stride} other than patch_size {self.patch_size} "
+                        f"is for CLIP branches whose backbone patch_size ({pretrained_patch}) it equals (the stride "
+                        "and position grid kept from pretraining); leave it unset otherwise"
+                    )
         else:
             if "depths" not in self.backbone or "dims" not in self.backbone:
                 raise ValueError("convnext branch backbone needs 'depths' and 'dims' (timm ConvNeXt kwargs)")
@@ -112,7 +131,16 @@ class BranchConfig:
         depth = self.depth
         if not -depth <= self.select_layer < depth:
             raise ValueError(f"select_layer {self.select_layer} out of range for a branch of {depth} blocks")
-        if self.interaction_indexes:
+        if self.interaction_indexes and not self.strict_ranges:
+            for start, end in self.interaction_indexes:
+                if not (0 <= start <= depth and start - 1 <= end < depth):
+                    raise ValueError(
+                        f"{self.type} branch interaction range [{start}, {end}] must satisfy 0 <= start <= end + 1 <= "
+                        f"{depth} (blocks 0..{depth - 1}; [s, s - 1] is an empty range)"
+                    )
+            if self.select_layer != -1:
+                raise ValueError("select_layer is only for single-branch towers (no interactions)")
+        elif self.interaction_indexes:
             expected = 0
             for start, end in self.interaction_indexes:
                 if start != expected or end < start:
@@ -129,6 +157,7 @@ class BranchConfig:
                 )
             if self.select_layer != -1:
                 raise ValueError("select_layer is only for single-branch towers (no interactions)")
+        self.range_outputs()  # a ConvNeXt chain whose widths do not fit fails here, not in the forward
 
     # ---- derived architecture facts (no module is built) ----
     @property
@@ -153,21 +182,58 @@ class BranchConfig:
     def strides(self) -> list[int]:
         """Cumulative stride (input pixels per token side) after each block."""
         if self.type in VIT_TYPES:
-            return [int(self.patch_size)] * self.depth
+            return [int(self.patch_stride or self.patch_size)] * self.depth
         out: list[int] = []
         for s, d in enumerate(self.backbone["depths"]):
             out += [4 * 2**s] * (d + (1 if s > 0 else 0))
         return out
 
+    def _is_downsample(self, block: int) -> bool:
+        """ConvNeXt: whether `block` is a stage's downsampling layer (the first block of stages 1, 2, ...)."""
+        starts, at = set(), 0
+        for s, d in enumerate(self.backbone["depths"]):
+            if s > 0:
+                starts.add(at)
+                at += 1
+            at += d
+        return block in starts
+
+    def range_outputs(self) -> list[tuple[int, int]]:
+        """(width, grid side) of the tokens after each interaction range (single branch: after select_layer),
+        following the blocks that actually run: a block outside every range never changes them."""
+        if self.type in VIT_TYPES:
+            stride = int(self.patch_stride or self.patch_size)
+            state = (int(self.backbone["hidden_size"]), (self.image_size - int(self.patch_size)) // stride + 1)
+            return [state] * max(1, len(self.interaction_indexes))
+        last = self.depth + self.select_layer if self.select_layer < 0 else self.select_layer
+        ranges = self.interaction_indexes or [[0, last]]
+        dims, width, grid, out = self.out_dims, int(self.backbone["dims"][0]), self.image_size // 4, []
+        for start, end in ranges:
+            for b in range(start, end + 1):
+                expects = dims[b - 1] if b > 0 else int(self.backbone["dims"][0])
+                if expects != width:
+                    raise ValueError(
+                        f"convnext branch interaction_indexes {self.interaction_indexes}: block {b} takes {expects} "
+                        f"channels but the blocks run before it leave {width}"
+                    )
+                width, grid = dims[b], grid // 2 if self._is_downsample(b) else grid
+            out.append((width, grid))
+        return out
+
+    @property
+    def range_widths(self) -> list[int]:
+        """Width of the tokens each interaction receives from this branch."""
+        return [w for w, _ in self.range_outputs()]
+
     @property
     def width(self) -> int:
         """Width of the branch's output features."""
-        return self.out_dims[-1]
+        return self.range_outputs()[-1][0]
 
     @property
     def grid(self) -> int:
         """Side of the output token grid."""
-        return self.image_size // self.strides[-1]
+        return self.range_outputs()[-1][1]
 
     def approx_params(self) -> int:
         """Rough parameter count used to check the inverted-pyramid order (12 d^2 per ViT layer)."""
@@ -246,8 +312,7 @@ class PiipVisionConfig(PretrainedConfig):
                 + ", ".join(f"branch {i}: {len(b.interaction_indexes)}" for i, b in enumerate(branches))
             )
         for i, b in enumerate(branches):
-            for start, end in b.interaction_indexes:
-                width = b.out_dims[end]
+            for (start, end), width in zip(b.interaction_indexes, b.range_widths):
                 value = int(width * inter.deform_ratio) if inter.attn_type == "deform" else width
                 if value % inter.num_heads or width % inter.num_heads:
                     raise ValueError(

@@ -32,7 +32,15 @@ def create_vit_backbone(cfg: BranchConfig) -> nn.Module:
 
     kwargs = dict(cfg.backbone, patch_size=cfg.patch_size)
     if cfg.type == "clip":
-        return CLIPVisionModel(CLIPVisionConfig(**kwargs))
+        if cfg.patch_stride in (None, cfg.patch_size):
+            return CLIPVisionModel(CLIPVisionConfig(**kwargs))
+        # the official CLIP wrapper's resized kernel: patch_size wide, applied at the pretrained stride, with the
+        # pretrained position table (backbone["patch_size"] == patch_stride, checked by BranchConfig)
+        model = CLIPVisionModel(CLIPVisionConfig(**dict(kwargs, patch_size=cfg.patch_stride)))
+        emb = model.embeddings
+        emb.patch_embedding = nn.Conv2d(emb.patch_embedding.in_channels, emb.embed_dim, cfg.patch_size,
+                                        stride=cfg.patch_stride, bias=False)
+        return model
     if cfg.type == "siglip":
         return SiglipVisionModel(SiglipVisionConfig(**kwargs))
     from transformers import InternVLVisionConfig, InternVLVisionModel
@@ -56,7 +64,7 @@ class ViTBranch(nn.Module):
         self.has_cls = self.type != "siglip" and cfg.use_cls_token
         size = cfg.backbone.get("image_size", 224)
         size = size[0] if isinstance(size, list | tuple) else size
-        self.pretrain_grid = int(size) // cfg.patch_size
+        self.pretrain_grid = int(size) // (cfg.patch_stride or cfg.patch_size)
         self.grad_checkpointing = False
 
     @property
@@ -181,7 +189,7 @@ class PiipVisionTower(nn.Module):
         inter = config.interaction_config()
         self.branches = nn.ModuleList(build_branch(c) for c in self.branch_cfgs)
         self.interactions = nn.ModuleList(
-            InteractionBlock([c.out_dims[c.interaction_indexes[i][1]] for c in self.branch_cfgs], inter)
+            InteractionBlock([c.range_widths[i] for c in self.branch_cfgs], inter)
             for i in range(config.num_interactions)
         )
 
@@ -206,7 +214,7 @@ class PiipVisionTower(nn.Module):
         if not self.interactions:  # single branch (e.g. the LLaVA-1.5 CLIP baseline): stop at select_layer
             cfg = self.branch_cfgs[0]
             states[0] = self.branches[0].run_blocks(states[0], 0, cfg.depth + cfg.select_layer if cfg.select_layer < 0 else cfg.select_layer)
-        for i, block in enumerate(self.interactions):
+        for i, block in enumerate(self.interactions):  # blocks outside every range never run (as officially)
             for j, (cfg, branch) in enumerate(zip(self.branch_cfgs, self.branches)):
                 start, end = cfg.interaction_indexes[i]
                 states[j] = branch.run_blocks(states[j], start, end)
