@@ -10,18 +10,20 @@ Branch architectures come from, in this order: (a) a local folder named by the b
 (relative to the `.py` file or the working directory) holding a Hugging Face CLIP `config.json` or a timm
 `config.json`, (b) the built-in table of the official branch ids (taken from our presets), (c) the tensor shapes of
 the checkpoint, with a `ConversionWarning` naming what shapes cannot tell (CLIP heads and activation). Everything the
-official code builds converts: `deform` and `normal` interactions, `norm_layer` `ln` / `none`, with or without
-ConvFFN and interaction projections, the `gn` and `ln` projectors with or without `out_shape`, branch pairs that break
-our own pyramid rules (warned, kept as `enforce_pyramid=False`). Refused, with the reason: what the official loader
-cannot build either (unknown `model_cls`, ConvNeXt in `2branch_v1`, no `projector` entry) and a CLIP run with a patch
-size other than its pretrained one (the official wrapper then keeps the old conv stride).
+official code builds and runs converts: `deform` and `normal` interactions, `norm_layer` `ln` / `none`, with or
+without ConvFFN and interaction projections, the `gn` and `ln` projectors with or without `out_shape`, branch pairs
+that break our own pyramid rules (warned, kept as `enforce_pyramid=False`), interaction ranges that leave blocks out,
+overlap or are empty (run as given: `strict_ranges=False`, warned), and a CLIP whose `patch_size` differs from its
+pretrained one (the resized kernel at the pretrained stride: `patch_stride`). Refused, with the reason: only what the
+official code cannot build or run either (unknown `model_cls`, ConvNeXt in `2branch_v1`, no `projector` entry,
+deformable-attention grids that disagree with the tokens).
 
 Output: `PiipLlavaForConditionalGeneration.save_pretrained(DST)` (safetensors) + the tokenizer files. The load is
 strict: any missing or unexpected key aborts with the full list.
 
     python -m piip_llava.models.convert_official SRC DST [--tower-config PATH]
 
-(`--infer-from-weights` is still accepted; deriving unknown architectures from the weights no longer needs it.)
+(`--infer-from-weights` changes nothing: unknown architectures always come from the weights; see docs/converter.md.)
 """
 from __future__ import annotations
 
@@ -173,13 +175,16 @@ def _local_backbone(pretrained: str, search_dirs: list[str]) -> tuple[str, dict[
 
 
 def _backbone_from_weights(
-    kind: str, sd: dict[str, torch.Tensor], prefix: str, where: str
+    kind: str, sd: dict[str, torch.Tensor], prefix: str, where: str, pretrain_patch_size: int | None = None
 ) -> tuple[dict[str, Any], str]:
-    """Architecture from tensor shapes -> (backbone kwargs, what the shapes cannot tell, for the warning)."""
+    """Architecture from tensor shapes -> (backbone kwargs, what the shapes cannot tell, for the warning).
+
+    A CLIP's patch size is the kernel's width unless the official `pretrain_patch_size` says otherwise: a kernel
+    resized by the official wrapper keeps the pretrained position grid and stride."""
     if kind == "clip":
         try:
             hidden = sd[prefix + "embeddings.class_embedding"].shape[0]
-            patch = sd[prefix + "embeddings.patch_embedding.weight"].shape[-1]
+            patch = pretrain_patch_size or sd[prefix + "embeddings.patch_embedding.weight"].shape[-1]
             rows = sd[prefix + "embeddings.position_embedding.weight"].shape[0]
             ff = sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]
         except KeyError as e:
@@ -229,9 +234,33 @@ def _backbone_from_weights(
     return backbone, "timm ConvNeXt defaults (GELU, LayerNorm eps 1e-6) assumed"
 
 
+def _official_ranges(k: int, b: dict[str, Any], depth: int, model_cls: str, where: str) -> list[list[int]]:
+    """Each official range `r` runs `blocks[r[0]:r[-1] + 1]` (Python slice semantics, modeling_piip_2branch*.py
+    forward) -> our inclusive [first, last] of that slice; an empty slice -> [0, -1]."""
+    ranges, out = b.get("interaction_indexes", []), []
+    for r in ranges:
+        if not isinstance(r, (list, tuple)) or not r or not all(isinstance(i, int) for i in r):
+            raise ConversionError(f"{where}: branch{k}.interaction_indexes entry {r!r} is not a list of block "
+                                  "indexes (the official forward slices blocks[r[0]:r[-1] + 1])")
+        if model_cls == "2branch_mix" and not -depth <= r[-1] < depth:  # out_dims[r[-1]] in its __init__
+            raise ConversionError(f"{where}: branch{k}.interaction_indexes entry {r!r} ends outside blocks "
+                                  f"0..{depth - 1}; the official 2branch_mix model fails to build (out_dims[{r[-1]}])")
+        run = list(range(depth))[r[0]: r[-1] + 1]
+        if not run and model_cls == "2branch_mix":  # forward_blocks returns 2 values where 4 are unpacked
+            raise ConversionError(f"{where}: branch{k}.interaction_indexes entry {r!r} runs no block; the official "
+                                  "2branch_mix forward fails on an empty range")
+        out.append([run[0], run[-1]] if run else [0, -1])
+    return out
+
+
+def _tiles(ranges: list[list[int]], depth: int) -> bool:
+    """Whether the ranges run blocks 0..depth-1 each once, in order, none empty (our configs' default rule)."""
+    return all(e >= s for s, e in ranges) and [i for s, e in ranges for i in range(s, e + 1)] == list(range(depth))
+
+
 def _branch_entry(
     k: int, b: dict[str, Any], builtin: dict[str, tuple[str, dict[str, Any]]], search_dirs: list[str],
-    state_dict: dict[str, torch.Tensor] | None, where: str,
+    state_dict: dict[str, torch.Tensor] | None, where: str, model_cls: str = "2branch_v1",
 ) -> dict[str, Any]:
     """One official `branchK` dict -> our branch dict (the architecture resolved as the module docstring says)."""
     model_type = b.get("model_type", "clip_hf")
@@ -242,7 +271,9 @@ def _branch_entry(
         found = builtin[pretrained]
     if found is None and state_dict is not None:
         sub = "clip_model." if kind == "clip" else "convnext_model."
-        backbone, assumed = _backbone_from_weights(kind, state_dict, f"{TOWER_PREFIX}branch{k}.{sub}", where)
+        pre = b.get("pretrain_patch_size") if kind == "clip" else None
+        backbone, assumed = _backbone_from_weights(kind, state_dict, f"{TOWER_PREFIX}branch{k}.{sub}", where,
+                                                   None if pre is None else int(pre))
         found = (kind, backbone)
         warnings.warn(
             f"{where}: branch{k}.pretrained {pretrained!r} is neither a local folder with a config.json (searched: "
@@ -259,8 +290,25 @@ def _branch_entry(
     if found[0] != kind:
         raise ConversionError(f"{where}: branch{k} is {model_type} but {pretrained!r} describes a {found[0]} model")
     backbone = dict(found[1])
+    depth = (int(backbone["num_hidden_layers"]) if kind == "clip"
+             else sum(backbone["depths"]) + len(backbone["depths"]) - 1)
     entry: dict[str, Any] = {"type": kind, "image_size": int(b["img_size"]), "backbone": backbone,
-                             "pretrained": pretrained, "interaction_indexes": b.get("interaction_indexes", [])}
+                             "pretrained": pretrained,
+                             "interaction_indexes": _official_ranges(k, b, depth, model_cls, where)}
+    entry["strict_ranges"] = _tiles(entry["interaction_indexes"], depth)
+    if not entry["strict_ranges"]:
+        run = [i for start, end in entry["interaction_indexes"] for i in range(start, end + 1)]
+        never = sorted(set(range(depth)) - set(run))
+        twice = sorted({i for i in run if run.count(i) > 1})
+        empty = sum(end < start for start, end in entry["interaction_indexes"])
+        facts = ([f"blocks {never} never run"] if never else []) + \
+            ([f"blocks {twice} run more than once"] if twice else []) + \
+            ([f"{empty} range(s) run no block"] if empty else [])
+        warnings.warn(
+            f"{where}: branch{k}.interaction_indexes {b['interaction_indexes']} do not tile its {depth} blocks: "
+            f"{', '.join(facts) or 'not in order'}, as in the official forward (blocks[r[0]:r[-1] + 1] before each "
+            "interaction); saved with strict_ranges false", ConversionWarning, stacklevel=4,
+        )
     if kind == "clip":
         pre_patch = int(backbone.get("patch_size", 16))
         pre = b.get("pretrain_patch_size")
@@ -269,15 +317,9 @@ def _branch_entry(
                 f"{where}: branch{k}.pretrain_patch_size {pre} differs from {pretrained!r}'s patch size {pre_patch}"
             )
         patch = int(b.get("patch_size", pre_patch))
-        if patch != pre_patch:
-            # CLIPHFWrapper resizes the kernel's weight but not the conv's stride (still pretrain_patch_size), and
-            # its deformable grids assume img_size // patch_size tokens: a layout our CLIP branch does not express.
-            raise ConversionError(
-                f"{where}: branch{k}.patch_size {patch} differs from the pretrained patch size {pre_patch}; the "
-                f"official wrapper then runs a {patch}x{patch} kernel at stride {pre_patch}, which this converter does "
-                "not reproduce (the released configs use CLIPs converted to patch 16 beforehand)"
-            )
         entry["patch_size"] = patch
+        if patch != pre_patch:  # CLIPHFWrapper resizes the kernel's weight, not the conv's stride or position table
+            entry["patch_stride"] = pre_patch
         entry["use_cls_token"] = bool(b.get("use_cls_token", False))  # official default: False
     return entry
 
@@ -293,8 +335,8 @@ def vision_config_from_official(
 
     Mirrors `PIIPVisionTower` / `PIIPTwoBranchModel` / `PIIPTwoBranchMixModel`: two branches, official defaults for
     missing keys, branch1 fed the full image when its `img_size` is not smaller than branch2's. Branch architectures
-    unknown by id come from `state_dict`'s shapes whenever it is given (`infer_from_weights` is kept for callers of
-    the earlier signature and changes nothing).
+    unknown by id come from `state_dict`'s shapes whenever it is given (`infer_from_weights` changes nothing; it
+    keeps existing calls valid).
     """
     del infer_from_weights
     bb = tower_cfg["backbone"]
@@ -313,7 +355,8 @@ def vision_config_from_official(
         warnings.warn(f"{where}: {', '.join(extra)} ignored, as the official two-branch towers ignore them",
                       ConversionWarning, stacklevel=2)
     builtin = _builtin_backbones()
-    branches = [_branch_entry(k, dict(bb[f"branch{k}"]), builtin, search_dirs, state_dict, where) for k in (1, 2)]
+    branches = [_branch_entry(k, dict(bb[f"branch{k}"]), builtin, search_dirs, state_dict, where, model_cls)
+                for k in (1, 2)]
     if branches[0]["image_size"] >= branches[1]["image_size"]:
         # forward(): x1 = interpolate(x, scale_factor=img1 / img2) only when that factor is < 1, else x.clone()
         warnings.warn(
@@ -348,8 +391,33 @@ def vision_config_from_official(
     if proj.get("norm") not in ("gn", "ln"):
         raise ConversionError(f"{where}: projector norm {proj.get('norm')!r} is not 'gn' or 'ln'")
     vision = PiipVisionConfig(branches=branches, interaction=interaction, enforce_pyramid=False)
+    if interaction["attn_type"] == "deform":
+        _check_deform_grids(vision, [bb["branch1"], bb["branch2"]], where)
     vision.enforce_pyramid = not vision.pyramid_violations()  # official inputs: our size rules only warn
     return vision, proj
+
+
+def _check_deform_grids(vision: PiipVisionConfig, official: list[dict[str, Any]], where: str) -> None:
+    """The official forward sizes each deformable attention's grids from the image size and the stride it assumes
+    (`patch_size`, or ConvNeXt `downsample_ratios[r[-1]]`), not from the tokens; MSDeformAttn asserts that they agree.
+    Where they do not (a resized CLIP kernel at its old stride, a skipped or repeated downsampling layer), the
+    official code cannot run the checkpoint, so neither does the converter."""
+    for k, (cfg, b) in enumerate(zip(vision.branch_configs(), official), start=1):
+        for i, ((start, end), (_, grid)) in enumerate(zip(cfg.interaction_indexes, cfg.range_outputs())):
+            ratios = b.get("downsample_ratios")
+            if cfg.type == "clip":
+                ratio = cfg.patch_size
+            elif isinstance(ratios, list) and len(ratios) == cfg.depth:
+                ratio = int(ratios[end])
+            else:
+                ratio = cfg.strides[end]
+            if cfg.image_size // ratio != grid:
+                raise ConversionError(
+                    f"{where}: branch{k} gives {grid}x{grid} tokens at interaction {i}, but the official deformable "
+                    f"attention expects {cfg.image_size} // {ratio} = {cfg.image_size // ratio} per side; its "
+                    "MSDeformAttn shape assertion fails, so the official code cannot run this checkpoint (with "
+                    "interact_attn_type='normal' it can)"
+                )
 
 
 def _resolve_tower_py(name: str, src: str, override: str | None) -> str:
@@ -376,7 +444,7 @@ def build_config(
     infer_from_weights: bool = False,
 ) -> PiipLlavaConfig:
     """PiipLlavaConfig for the checkpoint folder `src` (`state_dict`: its weights, from which branch architectures
-    unknown by id are derived; `infer_from_weights` is accepted for older callers and changes nothing)."""
+    unknown by id are derived; `infer_from_weights` changes nothing)."""
     cfg_path = os.path.join(src, "config.json")
     with open(cfg_path, encoding="utf-8") as f:
         llava = json.load(f)
@@ -612,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="output folder")
     parser.add_argument("--tower-config", default=None, help="path of the official tower .py config (overrides mm_vision_tower)")
     parser.add_argument("--infer-from-weights", action="store_true",
-                        help="accepted for old command lines; unknown branches are always derived from the weights")
+                        help="no effect: unknown branches are always derived from the weights")
     parser.add_argument("--debug", action="store_true", help="a traceback instead of a one-line error (or PIIP_DEBUG=1)")
     args = parser.parse_args(argv)
     from .loading import check_checkpoint, cli_error

@@ -4,9 +4,11 @@ The tiny official-format checkpoints are written here from the documented key la
 `.py` in the official style. `OfficialReference` below recomputes the official tower (`PIIPTwoBranchModel` /
 `PIIPTwoBranchMixModel`), projector (`TwoBranchMLP`) and LLM directly on the official key names with functional
 PyTorch; it does not use any module of this project. Official defaults for keys a `.py` leaves out, `normal`
-cross-attention (`wq`/`wk`/`wv`/`proj`), `norm_layer="none"`, the `ln` projector and `out_shape`, ConvNeXt-V2 blocks
-and branch1 not seeing a smaller image are restated there from the official code (piip_modules.py,
-configuration_piip_2branch.py, modeling_piip_2branch*.py, multimodal_projector/builder.py);
+cross-attention (`wq`/`wk`/`wv`/`proj`), `norm_layer="none"`, the `ln` projector and `out_shape`, ConvNeXt-V2 blocks,
+branch1 not seeing a smaller image, interaction ranges as Python slices (blocks outside every range never run) and a
+CLIP kernel resized to a new patch size at the pretrained stride are restated there from the official code
+(piip_modules.py, configuration_piip_2branch.py, modeling_piip_2branch*.py, clip_hf_wrapper.py,
+multimodal_projector/builder.py);
 `assert_matches_official` compares in float64.
 """
 from __future__ import annotations
@@ -165,10 +167,12 @@ class Gen:
         self.w(key + ".bias", dim, std=0.05)
 
 
-def write_clip(gen: Gen, prefix: str, a: dict) -> None:
+def write_clip(gen: Gen, prefix: str, a: dict, kernel: int | None = None) -> None:
+    """`kernel`: the patch_size the official wrapper resized the pretrained kernel to (position table unchanged)."""
     d, f, grid = a["hidden_size"], a["intermediate_size"], a["image_size"] // a["patch_size"]
     gen.w(prefix + "embeddings.class_embedding", d)
-    gen.w(prefix + "embeddings.patch_embedding.weight", d, 3, a["patch_size"], a["patch_size"], std=0.05)
+    kernel = kernel or a["patch_size"]
+    gen.w(prefix + "embeddings.patch_embedding.weight", d, 3, kernel, kernel, std=0.05)
     gen.w(prefix + "embeddings.position_embedding.weight", grid * grid + 1, d)
     gen.norm(prefix + "pre_layrnorm", d)
     for i in range(a["num_hidden_layers"]):
@@ -366,6 +370,8 @@ class OfficialReference:
     # ---- CLIP branch (CLIPHFWrapper + forward_embedding + CLIPEncoderLayer)
     def clip_embed(self, k, x):
         pre, a = f"{T}branch{k}.clip_model.", self.clip_archs[k]
+        # the pretrained conv (stride = pretrain_patch_size) with whatever kernel the weights hold (CLIPHFWrapper
+        # resizes it to patch_size without touching the stride)
         patch = F.conv2d(x, self.p(pre + "embeddings.patch_embedding.weight"), stride=a["patch_size"])
         b, d, H, W = patch.shape
         tokens = patch.flatten(2).transpose(1, 2)
@@ -488,21 +494,23 @@ class OfficialReference:
         else:
             t2, cls2, H2, W2 = self.clip_embed(2, x)
             cls2 = cls2 if b2.get("use_cls_token", False) else None
-        for i, ((s1, e1), (s2, e2)) in enumerate(zip(b1["interaction_indexes"], b2["interaction_indexes"])):
+        layers1 = list(range(self.clip_archs[1]["num_hidden_layers"]))
+        # forward(): each interaction runs blocks[r[0]:r[-1] + 1] (a Python slice), whatever blocks that leaves out
+        for i, (r1, r2) in enumerate(zip(b1["interaction_indexes"], b2["interaction_indexes"])):
             y = t1 if cls1 is None else torch.cat([cls1, t1], 1)
-            for layer in range(s1, e1 + 1):
+            for layer in layers1[r1[0]:r1[-1] + 1]:
                 y = self.clip_layer(1, layer, y)
             cls1, t1 = (None, y) if cls1 is None else (y[:, :1], y[:, 1:])
             if mix:
                 m = t2.transpose(1, 2).reshape(1, -1, H2, W2)
-                for kind, p in blocks2[s2:e2 + 1]:
+                for kind, p in blocks2[r2[0]:r2[-1] + 1]:
                     m = self.convnext_block(kind, p, m)
                 H2, W2 = m.shape[-2:]
                 t2 = m.flatten(2).transpose(1, 2)
-                r1, r2 = b1["patch_size"], b2["downsample_ratios"][e2]
+                r1, r2 = b1["patch_size"], b2["downsample_ratios"][r2[-1]]
             else:
                 y = t2 if cls2 is None else torch.cat([cls2, t2], 1)
-                for layer in range(s2, e2 + 1):
+                for layer in list(range(self.clip_archs[2]["num_hidden_layers"]))[r2[0]:r2[-1] + 1]:
                     y = self.clip_layer(2, layer, y)
                 cls2, t2 = (None, y) if cls2 is None else (y[:, :1], y[:, 1:])
                 r1, r2 = b1["patch_size"], b2["patch_size"]
@@ -661,14 +669,16 @@ OFFICIAL_CASES = {
 def write_case(root, name: str, spec: dict, seed: int) -> tuple[str, dict, str, dict]:
     """An official-format CLIP+CLIP checkpoint for one of OFFICIAL_CASES -> (folder, state dict, .py path, archs)."""
     src, gen, archs, branches = root / name, Gen(seed), {}, []
-    for k, (img, indexes, pretrained, cls, arch, local) in enumerate(spec["branches"], start=1):
+    for k, (img, indexes, pretrained, cls, arch, local, *patch) in enumerate(spec["branches"], start=1):
+        patch = patch[0] if patch else arch["patch_size"]  # run-time patch_size (kernel); arch: the pretrained one
         if local:
             (src / "configs" / pretrained).mkdir(parents=True)
             (src / "configs" / pretrained / "config.json").write_text(
                 json.dumps({"model_type": "clip_vision_model", "hidden_act": "quick_gelu", **arch}))
-        write_clip(gen, f"{T}branch{k}.clip_model.", arch)
+        write_clip(gen, f"{T}branch{k}.clip_model.", arch, kernel=patch)
         archs[k] = arch
-        branches.append(f'dict(model_type="clip_hf", img_size={img}, patch_size=16, pretrain_patch_size=16, '
+        branches.append(f'dict(model_type="clip_hf", img_size={img}, patch_size={patch}, '
+                        f'pretrain_patch_size={arch["patch_size"]}, '
                         f"interaction_indexes={indexes}, pretrained={pretrained!r}"
                         + ("" if cls is None else f", use_cls_token={cls}") + ")")
     d1, d2 = archs[1]["hidden_size"], archs[2]["hidden_size"]
@@ -698,6 +708,166 @@ def test_every_official_layout_gives_the_official_forward(tmp_path, name):
         assert any(re.search(pattern, m) for m in messages), (pattern, messages)
     assert model.config.vision_config.enforce_pyramid == (not spec.get("warns"))
     assert model.config.num_image_tokens == spec.get("tokens", 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts the official code runs although our presets never write them: interaction ranges that leave blocks out,
+# overlap or are empty (BranchConfig.strict_ranges False), and a CLIP kernel resized to a new patch_size at the
+# pretrained stride (BranchConfig.patch_stride)
+# ---------------------------------------------------------------------------------------------------------------
+CLIP_L14 = dict(CLIP_L, image_size=42, patch_size=14)  # pretrained at patch 14 (3x3 grid)
+CLIP_P14 = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=1, image_size=56,
+                patch_size=14)  # pretrained at patch 14 (4x4 grid); one head of 24, as derived from the shapes
+
+# as OFFICIAL_CASES, a branch tuple may end with the run-time patch_size (the kernel the weights hold); ranges: our
+# interaction_indexes (None: the official ones tile the blocks); stride: our patch_stride per branch
+BEYOND_PRESET_CASES = {
+    # deform: branch1 skips blocks 1 and 3 (block 2 named as -2), its third range [3, 2] is empty; branch2 skips
+    # block 0 first, then runs block 1 again, then [5, 9] (past its 2 blocks) runs nothing
+    "ranges-skip-overlap-empty": dict(
+        backbone="interact_attn_type='deform', deform_num_heads=4, deform_ratio=0.5, with_cffn=True, ", proj="gn",
+        branches=[(64, [[0, 0], [-2, -2], [3, 2]], "pretrained/tiny-clip-l", True, CLIP_L, True),
+                  (128, [[1, 1], [0, 1], [5, 9]], "pretrained/tiny-clip-b", True, CLIP_B, True)],
+        inter=dict(attn="deform", heads=4, ratio=0.5, cffn=True, norm="ln", proj=True),
+        ranges=[[[0, 0], [2, 2], [0, -1]], [[1, 1], [0, 1], [0, -1]]], stride=[None, None], tokens=64,
+        warns=[r"branch1\.interaction_indexes .* blocks \[1, 3\] never run, 1 range\(s\) run no block",
+               r"branch2\.interaction_indexes .* blocks \[1\] run more than once, 1 range\(s\) run no block"]),
+    # branch2 pretrained at patch 14, run at patch_size 16: the 16x16 kernel at stride 14 gives (128 - 16) // 14 + 1
+    # = 9 tokens a side (81 visual tokens). Normal attention (the official deformable grids would assume 8); the id
+    # is unknown, so the shapes and pretrain_patch_size give the architecture
+    "resized-kernel-old-stride": dict(
+        backbone="", proj="gn",
+        branches=[(64, [[0, 1], [2, 3]], "pretrained/clip-48", True, CLIP_48, True),
+                  (128, [[0, 0], [1, 1]], "someone/clip-p14", True, CLIP_P14, False, 16)],
+        inter=dict(attn="normal", heads=6, ratio=1.0, cffn=False, norm="ln", proj=True),
+        ranges=None, stride=[None, 14], tokens=81, warns=[r"branch2\.pretrained 'someone/clip-p14' is neither"]),
+    # branch1 pretrained at patch 14, run at 16 on 64 px: (64 - 16) // 14 + 1 = 4 = 64 // 16, so the official
+    # deformable grids agree with the tokens and the official code runs it with deform attention
+    "resized-kernel-deform": dict(
+        backbone="interact_attn_type='deform', deform_num_heads=4, deform_ratio=0.5, with_cffn=True, ", proj="ln",
+        branches=[(64, [[0, 1], [2, 3]], "pretrained/clip-l-p14", True, CLIP_L14, True, 16),
+                  (128, [[0, 0], [1, 1]], "pretrained/tiny-clip-b", True, CLIP_B, True)],
+        inter=dict(attn="deform", heads=4, ratio=0.5, cffn=True, norm="ln", proj=True),
+        ranges=None, stride=[14, None], tokens=64, warns=[]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEYOND_PRESET_CASES))
+def test_official_layouts_beyond_our_presets_give_the_official_forward(tmp_path, name):
+    spec = BEYOND_PRESET_CASES[name]
+    src, sd, py, archs = write_case(tmp_path, name, spec, seed=sorted(BEYOND_PRESET_CASES).index(name) + 30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = assert_matches_official(src, str(tmp_path / "out"), sd, py, archs)
+    messages = [str(w.message) for w in caught]
+    for pattern in spec["warns"]:
+        assert any(re.search(pattern, m) for m in messages), (pattern, messages)
+    branches = model.config.vision_config.branch_configs()
+    if spec["ranges"] is None:
+        assert all(b.strict_ranges for b in branches)
+    else:
+        assert [b.interaction_indexes for b in branches] == spec["ranges"]
+        assert not any(b.strict_ranges for b in branches)
+    assert [b.patch_stride for b in branches] == spec["stride"]
+    assert model.config.num_image_tokens == spec["tokens"]
+
+
+def test_mix_ranges_that_leave_convnext_blocks_out(tmp_path):
+    """ConvNeXt ranges [[0, 3], [5, 5]]: block 4 (stage 2) is skipped and the last stage never runs, so the branch
+    ends at stride 16 with 32 channels (8x8 visual tokens, projector dim2 32), as in the official mix forward;
+    branch1 (CLIP) skips block 2."""
+    py = (MIX_PY.replace("[0, 2], [3, 7],", "[0, 3], [5, 5],").replace("[[0, 1], [2, 3]]", "[[0, 1], [3, 3]]")
+          .replace("dim2=64", "dim2=32"))
+    layout = Gen(11)
+    for i in range(2):
+        write_interaction(layout, f"{T}interactions.{i}.interaction_units_12.", 64, 32)
+    write_projector(layout, [64, 32])
+    src, sd = write_checkpoint(tmp_path, "mix", "safetensors", seed=8, py=py, extra_keys=layout.sd)
+    path = os.path.join(src, "configs/piip-llava_mix_tiny.py")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = assert_matches_official(src, str(tmp_path / "out"), sd, path, {1: CLIP_L}, CONVNEXT)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert re.search(r"branch2\.interaction_indexes .* blocks \[4, 6, 7\] never run", messages), messages
+    assert re.search(r"branch1\.interaction_indexes .* blocks \[2\] never run", messages), messages
+    b2 = model.config.vision_config.branch_configs()[1]
+    assert (b2.interaction_indexes, b2.width, b2.grid, b2.strict_ranges) == ([[0, 3], [5, 5]], 32, 8, False)
+
+
+@pytest.mark.parametrize("ranges,message", [
+    ("[0, 2], [4, 7],", r"block 4 takes 32 channels but the blocks run before it leave 16"),  # skips a downsampling
+    ("[0, 2], [3, 2],", r"\[3, 2\] runs no block; the official 2branch_mix forward fails"),
+    ("[0, 2], [3, 9],", r"\[3, 9\] ends outside blocks 0\.\.7; the official 2branch_mix model fails to build"),
+])
+def test_mix_ranges_the_official_code_cannot_run(tmp_path, ranges, message):
+    src, _ = write_checkpoint(tmp_path, "mix", "safetensors", py=MIX_PY.replace("[0, 2], [3, 7],", ranges))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionWarning)
+        with pytest.raises(ValueError, match=message):
+            build_config(src)
+
+
+def test_range_and_stride_fields_of_our_own_configs():
+    from piip_llava.models.configuration_piip_llava import BranchConfig
+
+    with pytest.raises(ValueError, match="cover every block"):  # our presets: a gap is a typo
+        BranchConfig(type="clip", image_size=64, backbone=CLIP_L, interaction_indexes=[[0, 1], [2, 2]])
+    gaps = BranchConfig(type="clip", image_size=64, backbone=CLIP_L, interaction_indexes=[[0, 1], [3, 3], [0, -1]],
+                        strict_ranges=False)
+    assert BranchConfig(**json.loads(json.dumps(gaps.to_dict()))) == gaps  # config.json round trip
+    with pytest.raises(ValueError, match=r"\[2, 5\] must satisfy 0 <= start <= end \+ 1 <= 4"):
+        BranchConfig(type="clip", image_size=64, backbone=CLIP_L, interaction_indexes=[[2, 5]], strict_ranges=False)
+    with pytest.raises(ValueError, match="patch_stride 14 other than patch_size 16 is for CLIP branches"):
+        BranchConfig(type="clip", image_size=64, backbone=CLIP_L, patch_stride=14)  # backbone patch 16, not 14
+    kept = BranchConfig(type="clip", image_size=128, backbone=CLIP_P14, patch_size=16, patch_stride=14)
+    assert (kept.grid, kept.strides[-1]) == (9, 14)
+
+
+_REMOTE_TOWER = r'''
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "piip_llava" or name.startswith("piip_llava."):
+            raise ModuleNotFoundError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModelForImageTextToText
+ck, out = sys.argv[1], sys.argv[2]
+torch.set_num_threads(int(sys.argv[3]))
+model = AutoModelForImageTextToText.from_pretrained(ck, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    torch.save(model.get_image_features(x), out)
+'''
+
+
+def test_resized_kernel_and_skipped_blocks_load_as_remote_code(tmp_path):
+    """The converted checkpoint (patch_stride, strict_ranges False) runs with transformers alone, as in-package."""
+    import subprocess
+    import sys
+
+    spec = dict(BEYOND_PRESET_CASES["resized-kernel-old-stride"])
+    spec["branches"] = [(64, [[0, 0], [2, 2]], "pretrained/clip-48", True, CLIP_48, True),
+                        (128, [[1, 1], [1, 1]], "pretrained/clip-p14", True, CLIP_P14, True, 16)]
+    src, _, _, _ = write_case(tmp_path, "remote", spec, seed=40)
+    dst = str(tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionWarning)
+        assert main([src, dst]) == 0
+    script = tmp_path / "remote.py"
+    script.write_text(_REMOTE_TOWER)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    proc = subprocess.run([sys.executable, str(script), dst, str(tmp_path / "out.pt"), str(torch.get_num_threads())],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = PiipLlavaForConditionalGeneration.from_pretrained(dst).eval()
+    b1, b2 = model.config.vision_config.branch_configs()
+    assert (b1.strict_ranges, b2.strict_ranges, b2.patch_stride, model.config.num_image_tokens) == (False, False, 14, 81)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), model.get_image_features(x),
+                                   rtol=0, atol=0)
 
 
 def test_mix_with_an_unknown_convnext_v2_and_ln_projector(tmp_path):
@@ -828,9 +998,10 @@ def test_convnext_architecture_from_weights(tmp_path):
     (("interact_attn_type='deform'", "interact_attn_type='window'"), r"interact_attn_type 'window'"),
     (("interact_attn_type='deform',", "interact_attn_type='deform', norm_layer='bn',"), r"norm_layer 'bn'"),
     (('norm="gn",', 'norm="bn",'), r"projector norm 'bn'"),
+    # a resized kernel at the old stride with deformable attention: 7x7 tokens where MSDeformAttn is told 128 // 32
     (("patch_size=16,\n            pretrain_patch_size=16,\n            interaction_indexes=[[0, 0]",
       "patch_size=32,\n            pretrain_patch_size=16,\n            interaction_indexes=[[0, 0]"),
-     r"branch2\.patch_size 32 differs from the pretrained patch size 16.*stride 16"),
+     r"branch2 gives 7x7 tokens at interaction 0, but the official deformable attention expects 128 // 32 = 4"),
 ])
 def test_official_options_outside_what_the_official_code_runs(tmp_path, edit, message):
     """What the official loader itself cannot build (or what it builds and we cannot express) is a clear error."""
