@@ -7,6 +7,8 @@ What it adds, and nothing else:
 * checkpoints that are complete or absent: each `checkpoint-N` is written under `OUT/.saving/` and renamed into
   place once every rank has finished writing it (see `piip_llava.train.checkpoints`), so a kill during a save
   never leaves a `checkpoint-N` that `--resume auto` would pick and fail on;
+* under FSDP, weights gathered for `from_pretrained` in every checkpoint and the final folder, whether the
+  checkpoint's FSDP state is sharded or full (for a LoRA adapter only the trainable tensors are gathered);
 * throughput and data-quality metrics in every training log: `samples_per_second`, `tokens_per_second`
   (non-padding tokens incl. visual tokens, all ranks), `skipped_records` (since the last log) and
   `skipped_records_total`. Skips are counted inside the dataset (possibly in DataLoader workers), travel in the
@@ -98,15 +100,22 @@ class PiipTrainer(Trainer):
                                            lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
-    # ---- weights: full under FSDP whatever its checkpoint state-dict type ----
+    # ---- weights: gathered under FSDP, whatever the checkpoint's state-dict type ----
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Under FSDP with a sharded state dict the Trainer writes no `from_pretrained` weights (only the DCP shards
-        of the checkpoint), so gather the full state dict here (collective on every rank; rank 0 writes). The
-        checkpoints and the final folder then load with `from_pretrained` as under DeepSpeed and DDP."""
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        if not self.is_fsdp_enabled or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        """Under FSDP the `from_pretrained` weights are gathered here (collective on every rank; rank 0 writes).
+
+        The Trainer writes none when the checkpoint state dict is sharded, and would gather the whole model for a
+        LoRA adapter; here a checkpoint always carries loadable weights, and under peft only the trainable tensors
+        (LoRA matrices, `modules_to_save`: all the adapter holds) are gathered, not the frozen base LLM.
+        """
+        if not self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call)
-        self._save(output_dir or self.args.output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+        from peft import PeftModel
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                   ignore_frozen_params=isinstance(self.model, PeftModel))
+        self._save(output_dir or self.args.output_dir, state_dict=get_model_state_dict(self.model, options=options))
 
     # ---- checkpoints: written under OUT/.saving/, renamed into place when complete ----
     def _get_output_dir(self, trial) -> str:
