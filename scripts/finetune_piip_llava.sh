@@ -23,6 +23,8 @@
 #   trainable  TUNE (full | lora | projector+llm | projector | projector+interactions), LORA_R (128), LORA_ALPHA (256), QLORA (false),
 #              MERGE (0; 1 = merge the LoRA adapter after training)
 #   launch     ZERO (3 | 2 | 3_offload | none), PRECISION (bf16 | fp16 | fp32; GPU only), GRAD_CKPT (true)
+#              ENGINE (deepspeed | fsdp: PyTorch FSDP2, ZERO ignored), FSDP_RESHARD (true: like ZeRO-3 | false: like
+#              ZeRO-2), FSDP_STATE_DICT (sharded: each rank writes its model/optimizer shards | full: gathered on rank 0)
 #              GPU, one node:  NUM_GPUS (all visible)
 #              GPU, many nodes with a hostfile (DeepSpeed launcher over ssh/pdsh, run on the first node):
 #                HOSTFILE (lines "host slots=8"), MASTER_ADDR (first host), MASTER_PORT

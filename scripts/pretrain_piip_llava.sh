@@ -16,6 +16,8 @@
 #              RESUME (auto: the newest complete OUTPUT_DIR/checkpoint-N; a checkpoint folder; none: step 0)
 #   trainable  TUNE (projector | projector+interactions)
 #   launch     ZERO (2 | 3 | 3_offload | none), PRECISION (bf16 | fp16 | fp32; GPU only), GRAD_CKPT (true)
+#              ENGINE (deepspeed | fsdp: PyTorch FSDP2, ZERO ignored), FSDP_RESHARD (true: like ZeRO-3 | false: like
+#              ZeRO-2), FSDP_STATE_DICT (sharded: each rank writes its model/optimizer shards | full: gathered on rank 0)
 #              GPU, one node:  NUM_GPUS (all visible)
 #              GPU, many nodes with a hostfile (DeepSpeed launcher over ssh/pdsh, run on the first node):
 #                HOSTFILE (lines "host slots=8"), MASTER_ADDR (first host), MASTER_PORT

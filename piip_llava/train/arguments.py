@@ -114,6 +114,9 @@ class PiipTrainingArguments(TrainingArguments):
             raise ValueError(f"--loss_normalization must be 'micro_batch' or 'tokens', got {self.loss_normalization!r}")
         if self.qlora and self.tune != "lora":
             raise ValueError("--qlora needs --tune lora")
+        if self.qlora and self.fsdp:  # FSDP2 shards 4-bit weights only with bnb_4bit_quant_storage = compute dtype
+            raise ValueError("--qlora with --fsdp is not supported (the 4-bit LLM is not set up for FSDP2 sharding); "
+                             "use --tune lora with --fsdp, or --qlora with DeepSpeed (ENGINE=deepspeed ZERO=2)")
         if self.qlora and not torch.cuda.is_available():
             raise ValueError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); use --tune lora on the CPU")
         super().__post_init__()

@@ -4,8 +4,9 @@
         --image_folder DIR --output_dir OUT [--deepspeed scripts/zero2.json] [HF TrainingArguments ...]
 
 Launch multi-process with `torchrun` or `deepspeed` (see scripts/pretrain_piip_llava.sh). FSDP2 instead of
-DeepSpeed: `--fsdp --fsdp_config '{"version": 2}'`; the wrap units are the model's `_no_split_modules` (branch
-layers, interaction blocks, the LLM's decoder layers; see `fsdp_wrap_classes`). Stage 1 writes
+DeepSpeed: `--fsdp --fsdp_config '{"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}'` (any stage and `--tune`,
+LoRA included); the wrap units are the model's `_no_split_modules` (branch layers, interaction blocks, the LLM's
+decoder layers; see `fsdp_wrap_classes`). Stage 1 writes
 `OUT/mm_projector.safetensors` + `config.json`; stage 2 writes a full `save_pretrained` checkpoint (or a LoRA adapter
 folder with its `base/`) + tokenizer. `--resume auto` continues from the newest complete `OUT/checkpoint-N` (checkpoints
 are written under `OUT/.saving/` and renamed into place when complete; see `checkpoints.py`).
@@ -130,7 +131,9 @@ def fsdp_wrap_classes(model: nn.Module) -> list[str]:
     A unit gathers its shards in its own `forward`, so a listed module whose forward the model never calls (CLIP's
     `CLIPVisionEmbeddings`: the branch uses its patch and position embeddings directly) stays in the root unit.
     Frozen units (a frozen tower) shard like trainable ones; parameters outside every unit (projector, embeddings,
-    norms) belong to the root unit, frozen and trainable side by side.
+    norms) belong to the root unit, frozen and trainable side by side. Under LoRA, peft's `modules_to_save` wrapper
+    takes the interaction blocks' place in their ModuleList (it holds a frozen original that never runs and the
+    trained copy), so the interactions stay in the root unit; the LoRA matrices shard with their decoder layers.
     """
     names: set[str] = set()
     for module in model.modules():

@@ -26,6 +26,11 @@ def test_wrap_classes_are_the_called_no_split_blocks(tokenizer_dir, tmp_path):
     assert fsdp_wrap_classes(model) == ["CLIPEncoderLayer", "InteractionBlock", "LlamaDecoderLayer"]
 
 
+def test_qlora_with_fsdp_is_refused_early(tmp_path):
+    with pytest.raises(ValueError, match="--qlora with --fsdp"):
+        training_args_for(tmp_path, tune="lora", qlora=True, fsdp="full_shard", fsdp_config={"version": 2})
+
+
 def fake_fsdp_checkpoint(path, sharded=True):
     from safetensors.torch import save_file
 
