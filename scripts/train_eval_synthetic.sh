@@ -6,21 +6,18 @@
 #   STAGE1_STEPS, STAGE2_STEPS, STAGE1_LR, STAGE2_LR, STAGE2_SCHEDULER (constant_with_warmup), BATCH (per step),
 #   NPROC (1: one process, no DeepSpeed; >1: torchrun + DeepSpeed ZeRO-2 on the CPU), EVAL_BATCH, PYTHON, RELIANCE_RECORDS (128: records for the
 #   image-reliance check, python -m piip_llava.evaluation.image_reliance)
-#   STAGE0_STEPS (1500; 0 skips it), STAGE0_LR (3e-4: at 1e-3 the single-CLIP presets of the experiment sat at
-#     chance for ~800 steps, PIIP learned as well at either): stage 0 pretrains branches + interactions + projector on the
-#     dataset's labels (python -m piip_llava.train.vision_pretrain). Real branches come pretrained; random ones give
+#   STAGE0_STEPS (1500; 0 skips it), STAGE0_LR (3e-4): stage 0 pretrains branches + interactions + projector on the
+#     dataset's labels (python -m piip_llava.train.vision_pretrain); real branches come pretrained, random ones give
 #     visual tokens an LLM learns to ignore, so this stands in for backbone pretraining. Stage 1 continues from it.
 #   STAGE1_TUNE (projector): what stage 1 trains: the official policy (projector only, on the captions); stage 2 then
 #     starts from the stage-0 checkpoint + this projector. STAGE1_TUNE=full trains the whole model in stage 1 and
-#     stage 2 continues from it (measured worse here: the caption-trained LLM had to unlearn).
-#   STAGE1_LR (1e-4, the official 1e-3 / 10): the LLM here is random, so stage 1 has no embedding space to align
-#     the projector to; at 1e-3 it only moved the stage-0 projector away from what stage 0 taught it (measured:
-#     stage 2 from the stage-0 projector read the images twice as fast, shuffled-vs-real loss gap 1.08 vs 0.57 at
-#     step 1,000). It stays in the pipeline, short and gentle, because the real recipe goes through it.
-#   STAGE2_TUNE (projector+llm): what stage 2 trains. The stage-0 tower stays frozen (LLaVA-1.5's stage-2 policy):
-#     measured with a fresh 2-layer LLM on this data, training the tower too (PIIP's `full`, lr 1e-3) wipes the
-#     stage-0 features before the LLM has learned to read them (shuffled-image loss = real loss after 600 steps),
-#     frozen it reads the fixed-order questions by step 500.
+#     stage 2 continues from it.
+#   STAGE1_LR (1e-4, the official 1e-3 / 10): the LLM here is random, so there is no embedding space to align the
+#     projector to; a gentle stage 1 keeps what stage 0 taught the projector. It stays because the real recipe has it.
+#   STAGE2_TUNE (projector+llm): what stage 2 trains. The stage-0 tower stays frozen (LLaVA-1.5's stage-2 policy), so
+#     the fresh LLM learns to read features that do not move under it.
+#   SEED (0): the training seed of all stages (initialisation, data order); the data are the same for every seed.
+# The measurements behind these defaults are in docs/quickstart.md.
 set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$SCRIPT_DIR")"
@@ -28,6 +25,7 @@ REPO="$(dirname "$SCRIPT_DIR")"
 PYTHON="${PYTHON:-python}"
 NPROC="${NPROC:-1}"
 BATCH="${BATCH:-16}"
+SEED="${SEED:-0}"
 if [ "$NPROC" -gt 1 ]; then ZERO="${ZERO:-2}"; else ZERO="${ZERO:-none}"; fi
 PER_DEVICE=$(( BATCH / NPROC ))
 export PYTHON NPROC ZERO TOKENIZER_PATH PRESET
@@ -43,14 +41,14 @@ if [ "$STAGE0_STEPS" -gt 0 ]; then
     "$PYTHON" -m piip_llava.train.vision_pretrain --data-path "$DATA/stage0.json" --image-folder "$DATA" \
       --preset "$PRESET" --tokenizer-path "$TOKENIZER_PATH" --output-dir "$RUN_DIR/stage0" \
       --max-steps "$STAGE0_STEPS" --batch-size "$BATCH" --learning-rate "${STAGE0_LR:-3e-4}" \
-      --eval-steps "$(( STAGE0_STEPS > 4 ? STAGE0_STEPS / 4 : 1 ))"
+      --eval-steps "$(( STAGE0_STEPS > 4 ? STAGE0_STEPS / 4 : 1 ))" --seed "$SEED"
   fi
   STAGE1_FROM=(MODEL_PATH="$RUN_DIR/stage0")
 fi
 
 # The synthetic pipeline's figures (README) were measured with clipping at 1.0 and transformers 5's token-level loss
 # mean; the official recipe (the stage scripts' defaults) clips nothing and averages per micro-batch.
-SYNTH_TRAIN_ARGS=(--max_grad_norm "${MAX_GRAD_NORM:-1.0}" --loss_normalization "${LOSS_NORMALIZATION:-tokens}")
+SYNTH_TRAIN_ARGS=(--max_grad_norm "${MAX_GRAD_NORM:-1.0}" --loss_normalization "${LOSS_NORMALIZATION:-tokens}" --seed "$SEED")
 
 STAGE1_TUNE="${STAGE1_TUNE:-projector}"
 echo "== [$PRESET] stage 1: alignment on captions, trainable: $STAGE1_TUNE (${STAGE1_STEPS:-100} steps)"
@@ -80,6 +78,8 @@ mkdir -p "$RUN_DIR/eval"
   --question-file "$DATA/eval/mmbench/mmbench_dev_synthetic.tsv" \
   --answers-file "$RUN_DIR/eval/mmbench_answers.jsonl" --batch-size "${EVAL_BATCH:-16}" --max-new-tokens 8 \
   --submission "$RUN_DIR/eval" --overwrite
+"$PYTHON" -m piip_llava.evaluation.synthetic_breakdown "$RUN_DIR/eval" \
+  --annotation-file "$DATA/eval/textvqa/TextVQA_0.5.1_val.json"
 echo "== [$PRESET] image reliance: answer loss with the right images vs another record's (stage-2 records)"
 "$PYTHON" -m piip_llava.evaluation.image_reliance --model-path "$RUN_DIR/stage2" --data-path "$DATA/stage2.json" \
   --image-folder "$DATA" --num-records "${RELIANCE_RECORDS:-128}" --batch-size "${EVAL_BATCH:-16}" \

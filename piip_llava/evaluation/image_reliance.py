@@ -10,9 +10,7 @@ an image count; text-only records are left out (and counted).
     python -m piip_llava.evaluation.image_reliance --model-path CKPT --data-path data.json --image-folder IMGS \\
         [--num-records 256] [--batch-size 16] [--output reliance.json]
 
-Measured on the synthetic quickstart (128 of its stage-2 records): the session-2 model whose TextVQA score was the
-OCR-guessing rate (30.8 %) has a gap of 0.10 nats (1.13 vs 1.22); the default quickstart model (75.9 %) 3.31 nats
-(0.17 vs 3.48).
+Figures for the synthetic quickstart's models are in docs/quickstart.md.
 """
 from __future__ import annotations
 

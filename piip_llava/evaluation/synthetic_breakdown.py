@@ -1,0 +1,122 @@
+"""Per-skill scores of a model on the synthetic quickstart data (``piip_llava.data.synthetic``).
+
+    python -m piip_llava.evaluation.synthetic_breakdown RUN/eval --annotation-file DATA/eval/textvqa/TextVQA_0.5.1_val.json
+
+One overall TextVQA or MMBench number hides what a tiny model has learned: the synthetic TextVQA questions refer to a
+word by its place (large / small at the top / small at the bottom) or by its colour, and the MMBench questions ask about
+words, colours, counts, shapes and positions. This reads the answers and summaries that ``eval/textvqa.py`` and
+``eval/mmbench.py`` wrote into ``RUN/eval`` and writes ``synthetic_breakdown.json`` there: TextVQA accuracy per way of
+referring to the word, MMBench circular and vanilla accuracy per category.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from piip_llava.data.synthetic import COLORS
+from piip_llava.evaluation.answer_processing import EvalAIAnswerProcessor
+from piip_llava.evaluation.io import read_answers
+from piip_llava.evaluation.tasks.textvqa import load_textvqa_annotations, prompt_processor, vqa_accuracy
+
+OUTPUT_FILE = "synthetic_breakdown.json"
+#: How a synthetic TextVQA question refers to the word it asks for (see `synthetic.word_question`).
+TEXTVQA_KINDS = ("large", "top", "bottom", "colour")
+_KIND_RE = {
+    "large": re.compile(r"in large letters\?$"),
+    "top": re.compile(r"in small letters at the top\?$"),
+    "bottom": re.compile(r"in small letters at the bottom\?$"),
+    "colour": re.compile(r"written in (" + "|".join(COLORS) + r")\?$"),
+}
+
+
+def question_kind(question: str) -> str:
+    """``large`` / ``top`` / ``bottom`` / ``colour`` for a synthetic TextVQA question (lower case), else ``other``."""
+    for kind, pattern in _KIND_RE.items():
+        if pattern.search(question):
+            return kind
+    return "other"
+
+
+def textvqa_scores(answers_file: str | os.PathLike, annotation_file: str | os.PathLike) -> dict[str, list[float]]:
+    """``{kind: [VQA accuracy of each answer line, 0..1]}``; error records score 0, as in the task's own score."""
+    annotations = load_textvqa_annotations(annotation_file)
+    processor = EvalAIAnswerProcessor()
+    scores: dict[str, list[float]] = defaultdict(list)
+    for lineno, rec in enumerate(read_answers(answers_file), start=1):
+        question = prompt_processor(rec["prompt"]) if "prompt" in rec else ""
+        kind = question_kind(question)
+        if rec.get("error"):
+            scores[kind].append(0.0)
+            continue
+        gt = annotations.get((str(rec["question_id"]), question))
+        if gt is None:
+            raise ValueError(f"{answers_file}: record {lineno}: no annotation for image_id={rec['question_id']!r} "
+                             f"question={question!r}")
+        scores[kind].append(vqa_accuracy(str(rec["text"]), gt, processor))
+    return dict(sorted(scores.items(), key=lambda kv: _order(kv[0])))
+
+
+def textvqa_by_kind(answers_file: str | os.PathLike, annotation_file: str | os.PathLike) -> dict[str, dict]:
+    """``{kind: {"accuracy": %, "questions": n}}`` for each way of naming the word, plus ``all``."""
+    scores = textvqa_scores(answers_file, annotation_file)
+    scores["all"] = [x for v in scores.values() for x in v]
+    return {k: {"accuracy": round(100.0 * sum(v) / len(v), 2), "questions": len(v)} for k, v in scores.items() if v}
+
+
+def _order(kind: str) -> int:
+    return TEXTVQA_KINDS.index(kind) if kind in TEXTVQA_KINDS else len(TEXTVQA_KINDS)
+
+
+def breakdown(eval_dir: str | os.PathLike, annotation_file: str | os.PathLike) -> dict:
+    """Read ``textvqa_answers.jsonl`` and ``mmbench_summary.json`` of `eval_dir` -> the breakdown dict."""
+    eval_dir = Path(eval_dir)
+    out: dict = {}
+    answers = eval_dir / "textvqa_answers.jsonl"
+    if answers.is_file():
+        out["textvqa"] = textvqa_by_kind(answers, annotation_file)
+    mmbench = eval_dir / "mmbench_summary.json"
+    if mmbench.is_file():
+        summary = json.loads(mmbench.read_text(encoding="utf-8"))
+        out["mmbench"] = {k: {"circular": v["circular"], "vanilla": v["vanilla"], "questions": v["questions"]}
+                          for k, v in summary.get("per_category", {}).items()}
+    if not out:
+        raise FileNotFoundError(f"{eval_dir}: neither textvqa_answers.jsonl nor mmbench_summary.json is there")
+    return out
+
+
+def format_breakdown(result: dict) -> str:
+    lines = []
+    if "textvqa" in result:
+        cells = ", ".join(f"{k} {v['accuracy']:.1f} % ({v['questions']})" for k, v in result["textvqa"].items())
+        lines.append(f"synthetic TextVQA by the way the word is named: {cells}")
+    if "mmbench" in result:
+        cells = ", ".join(f"{k} {_fmt(v['circular'])}/{_fmt(v['vanilla'])} ({v['questions']})"
+                          for k, v in result["mmbench"].items())
+        lines.append(f"synthetic MMBench per category, circular/vanilla %: {cells}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m piip_llava.evaluation.synthetic_breakdown",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("eval_dir", help="the folder the eval CLIs wrote (textvqa_answers.jsonl, mmbench_summary.json)")
+    parser.add_argument("--annotation-file", required=True, help="the synthetic TextVQA_0.5.1_val.json")
+    args = parser.parse_args(argv)
+    result = breakdown(args.eval_dir, args.annotation_file)
+    path = Path(args.eval_dir) / OUTPUT_FILE
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(format_breakdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
