@@ -14,13 +14,15 @@ the paper used (`llava/flops_counter.py` + `llava/get_flops_llava.py` in OpenGVL
 "FLOPs" are therefore MACs, as in the paper. Only the vision tower is counted (the paper's "FLOPs of the vision
 encoder"); projector and LLM are reported as parameter counts.
 
-Two conventions need a word:
+Three conventions need a word:
 * Official quirk (only with `official_quirks=True`): the official mix model (ConvNeXt branch) counts the deformable
-  term of every interaction on the grid of the *first* interaction's stride. By default the grid each interaction
+  term of every interaction on the grid of the *first* interaction's range. By default the grid each interaction
   really uses is counted.
 * Single-branch towers with `select_layer` (the LLaVA-1.5 baseline) stop early in our tower (23 of 24 layers run);
-  the paper's figure counts the whole backbone. `total` follows the paper (whole backbone); `executed` is what our
-  tower runs.
+  the paper's figure counts the whole backbone, which the official LLaVA-1.5 tower runs before it selects a layer.
+  `total` follows the paper (whole backbone); `executed` is what our tower runs.
+* `strict_ranges=False` / `patch_stride` checkpoints: `total` = `executed`, each block run at its real tokens as the
+  official tower runs it (a block in two ranges counts twice, one in no range nothing; docs/converter.md).
 
 CLI: `python -m piip_llava.models.flops PRESET [PRESET ...] | --all [--official-quirks] [--json]`.
 """
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from ..layers.deform_attn import CrossAttention, DeformableAttention
-from .configuration_piip_llava import PiipLlavaConfig, PiipVisionConfig, load_preset, preset_names
+from .configuration_piip_llava import BranchConfig, PiipLlavaConfig, PiipVisionConfig, load_preset, preset_names
 from .modeling_piip_vision import PiipVisionTower, ViTBranch
 
 # README multimodal table (vision-encoder FLOPs, G); the 13B ConvNeXt rows repeat the 12-interaction 7B figures.
@@ -82,6 +84,29 @@ def _params(module: nn.Module | None) -> int | None:
     return None if module is None else sum(p.numel() for p in module.parameters())
 
 
+def block_runs(cfg: BranchConfig) -> list[tuple[int, int, int]]:
+    """(block, width, grid side of its output) of each block run, in the tower's order: the interaction ranges in
+    turn (a block in two ranges appears twice, a block in none never), or blocks 0..select_layer of a single branch.
+
+    ViT grids are the patch conv's real output, `(R - patch_size) // stride + 1` a side (`patch_stride` branches
+    included); a ConvNeXt downsampling layer halves the grid only when it runs, as `BranchConfig.range_outputs`.
+    """
+    if cfg.interaction_indexes:
+        ranges = cfg.interaction_indexes
+    else:
+        ranges = [[0, cfg.depth + cfg.select_layer if cfg.select_layer < 0 else cfg.select_layer]]
+    blocks = [b for start, end in ranges for b in range(start, end + 1)]
+    if cfg.type != "convnext":
+        width, grid = cfg.range_outputs()[0]
+        return [(b, width, grid) for b in blocks]
+    strides, dims, grid, out = cfg.strides, cfg.out_dims, cfg.image_size // 4, []
+    for b in blocks:
+        if b > 0 and strides[b] != strides[b - 1]:  # the first block of a later stage is its downsampling layer
+            grid //= 2
+        out.append((b, dims[b], grid))
+    return out
+
+
 @torch.no_grad()
 def count_vision_flops(
     config: PiipLlavaConfig | PiipVisionConfig, official_quirks: bool = False, count_llm: bool = True
@@ -89,10 +114,11 @@ def count_vision_flops(
     """MACs of one image through the vision tower (batch 1, highest branch resolution) and parameter counts.
 
     Returns a dict with `total` (paper convention, see module docstring), `executed`, `quirk_delta` (what the
-    official counter's grid quirk adds; 0 when `official_quirks`), `branches` (per branch:
-    `modules`, `self_attn`, `total`, `params`), `interactions` (`modules`, `attn` = deformable/cross-attention
-    term, `total`, `per_interaction`, `params`), `params` (`branches`, `interactions`, `tower`, `projector`, `llm`;
-    projector/LLM are None for a bare `PiipVisionConfig`), `image_size` and `official_quirks`.
+    official counter's grid quirk adds; 0 when `official_quirks`), `branches` (per branch: `modules`, `self_attn`,
+    `total`, `skipped_layers`, `block_runs`, `never_run`, `run_twice_or_more`, `params`), `interactions` (`modules`,
+    `attn` = deformable/cross-attention term, `total`, `per_interaction`, `params`), `params` (`branches`,
+    `interactions`, `tower`, `projector`, `llm`; projector/LLM are None for a bare `PiipVisionConfig`),
+    `image_size` and `official_quirks`.
     """
     vcfg = _vision_config(config)
     branch_cfgs = vcfg.branch_configs()
@@ -112,9 +138,10 @@ def count_vision_flops(
         parts = name.split(".")
         return parts[0], int(parts[1])
 
-    # Grids the official mix model uses for every interaction's deformable term (quirk): first interaction's strides.
-    quirk_hw = [(c.image_size // c.strides[c.interaction_indexes[0][1]],) * 2 if c.interaction_indexes else None
-                for c in branch_cfgs]
+    # Grids the official mix model uses for every interaction's deformable term (quirk): the first interaction's. It
+    # computes them as image // patch_size (ConvNeXt: // stride), equal to the tokens wherever its MSDeformAttn runs;
+    # the token grid also holds for a resized CLIP kernel at its old stride ((R - p) // stride + 1, not R // stride).
+    quirk_hw = [(c.range_outputs()[0][1],) * 2 if c.interaction_indexes else None for c in branch_cfgs]
 
     for name, module in tower.named_modules():
         if not name or "." not in name:
@@ -164,7 +191,7 @@ def count_vision_flops(
                 layer_runs[_j].append(macs)
 
             handles.append(layer.register_forward_hook(sa_hook))
-            # Linear/LayerNorm MACs of each layer run, to extrapolate the layers our tower skips (select_layer).
+            # Linear/LayerNorm MACs of each layer run, to extrapolate the layers after select_layer.
             for sub in layer.modules():
                 counter = _COUNTED.get(type(sub))
                 if counter is not None:
@@ -181,11 +208,14 @@ def count_vision_flops(
     for j, (cfg, branch) in enumerate(zip(branch_cfgs, tower.branches)):
         total_j = branch_macs[j] + branch_attn[j]
         executed += total_j
+        planned = [b for b, _, _ in block_runs(cfg)]
         skipped = 0
-        if isinstance(branch, ViTBranch):
+        if isinstance(branch, ViTBranch) and not cfg.interaction_indexes:
+            # layers after select_layer: the paper counts the whole backbone (identical layers, same tokens). Blocks
+            # outside every interaction range are not such layers: the official tower never runs them either.
             runs = _finalise_runs(layer_runs[j])
-            skipped = cfg.depth - len(runs)
-            if skipped > 0 and runs:  # layers after select_layer: the paper counts the whole backbone
+            skipped = cfg.depth - len(planned)
+            if skipped > 0 and runs:
                 paper_extra += skipped * runs[-1]
         branches.append(
             {
@@ -195,7 +225,10 @@ def count_vision_flops(
                 "modules": branch_macs[j],
                 "self_attn": branch_attn[j],
                 "total": total_j,
-                "skipped_layers": skipped,
+                "skipped_layers": skipped,  # after select_layer: not run, counted in `total`
+                "block_runs": len(planned),
+                "never_run": sorted(set(range(cfg.depth)) - set(planned)) if cfg.interaction_indexes else [],
+                "run_twice_or_more": sorted({b for b in planned if planned.count(b) > 1}),
                 "params": _params(branch),
             }
         )
@@ -302,6 +335,13 @@ def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
                 f"{name}: whole backbone counted as in the paper; our tower stops at select_layer and skips "
                 f"{skipped} layer(s): {_g(r['executed'])}G executed"
             )
+        for j, b in enumerate(r["branches"]):
+            if b["never_run"] or b["run_twice_or_more"]:
+                notes.append(
+                    f"{name}: branch {j} runs {b['block_runs']} block(s), never {b['never_run']}, more than once "
+                    f"{b['run_twice_or_more']}; each run is counted ('official' too: get_flops_llava.py's "
+                    "self-attention term would count every layer once)"
+                )
         if r["quirk_delta"]:
             notes.append(
                 f"{name}: the official counter takes the first interaction's grid for every deformable term "
