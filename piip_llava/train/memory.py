@@ -109,10 +109,13 @@ def activation_bytes(config, micro_batch: int, seq_len: int, act: int, tower_tra
         per_layer += 2 * act * text.num_attention_heads * seq_len**2
     llm = (layers * seq_len * h * act + per_layer) if checkpointing else layers * per_layer
     logits = seq_len * vocab * (act + 8)
+    from ..models.flops import block_runs
+
     tower = 0.0
     for branch in config.vision_config.branch_configs():
-        # per block: tokens on its grid x its width (ConvNeXt stages shrink the grid and widen the channels)
-        blocks = [(branch.image_size // s) ** 2 * d * 17 * act for s, d in zip(branch.strides, branch.out_dims)]
+        # per block run: tokens on its grid x its width (ConvNeXt stages shrink the grid and widen the channels); a
+        # block outside every interaction range keeps nothing, one in two ranges keeps its activations twice
+        blocks = [grid**2 * d * 17 * act for _, d, grid in block_runs(branch)]
         tower += sum(blocks) if tower_trains else max(blocks)
     return micro_batch * (llm + logits + tower)
 
