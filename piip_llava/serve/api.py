@@ -17,9 +17,9 @@ images whose decoded or padded-to-square size exceeds the pixel limit are refuse
 Every error is OpenAI's error object `{"error": {"message", "type", "param", "code"}}` (400, 401, 404, 405, 413,
 429, 500). Unlike the chat UIs, the API never drops old turns silently: a conversation over the context is a 400.
 
-Concurrent requests are batched (`BatchScheduler`): requests that arrive while the model is busy join the next
-batched `generate()`; over `--max-queue` waiting requests the answer is 429 at once. A client that disconnects
-stops its generation. `usage` and `finish_reason` come from the generated token ids.
+Concurrent requests are batched continuously (`BatchScheduler`): a request that arrives while the model is busy
+joins the running batch at the next decode step; over `--max-queue` waiting requests the answer is 429 at once. A
+client that disconnects stops its generation. `usage` and `finish_reason` come from the generated token ids.
 """
 from __future__ import annotations
 
@@ -357,9 +357,16 @@ def create_app(engine: InferenceEngine, model_name: str = "piip-llava", image_di
         async def events_stream() -> AsyncIterator[str]:
             try:
                 yield _chunk(cid, created, model_name, {"role": "assistant", "content": ""})
+                held = None  # an event taken from the queue while merging deltas
                 while True:
-                    kind, value = await events.get()
+                    kind, value = held or await events.get()
+                    held = None
                     if kind == "delta":
+                        # deltas that queued up while this task waited for the event loop go out as one chunk
+                        while held is None and not events.empty():
+                            held = events.get_nowait()
+                            if held[0] == "delta":
+                                value, held = value + held[1], None
                         yield _chunk(cid, created, model_name, {"content": value})
                     elif kind == "error":  # the 200 header is sent: report in-band
                         yield f"data: {json.dumps({'error': {'message': str(value), 'type': 'server_error'}})}\n\n"

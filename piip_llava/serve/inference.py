@@ -206,10 +206,11 @@ class InferenceEngine:
             messages = messages[2:]
             truncated = True
 
-    def prepare(self, requests: Sequence[ChatRequest],
-                prompt_ids: Sequence[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    def prepare(self, requests: Sequence[ChatRequest], prompt_ids: Sequence[list[int]] | None = None,
+                pixel_values: Sequence[torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
         """Left-padded batch: input_ids, attention_mask, pixel_values (images in request order). `prompt_ids`:
-        the requests' `self.prompt_ids`, when the caller already has them."""
+        the requests' `self.prompt_ids`, and `pixel_values`: their `self.pixel_values` ((1, 3, R, R) or None), when
+        the caller already has them."""
         seqs = list(prompt_ids) if prompt_ids is not None else [self.prompt_ids(r) for r in requests]
         length = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id
@@ -219,11 +220,17 @@ class InferenceEngine:
             input_ids[i, length - len(s):] = torch.tensor(s)
             attention_mask[i, length - len(s):] = 1
         batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
-        images = [r.image for r in requests if r.image is not None]
+        if pixel_values is None:
+            pixel_values = [self.pixel_values(r) for r in requests]
+        images = [p for p in pixel_values if p is not None]
         if images:
             dtype = next(self.model.parameters()).dtype
-            batch["pixel_values"] = self.image_processor.pixel_values(images).to(self.device, dtype)
+            batch["pixel_values"] = torch.cat(images).to(self.device, dtype)
         return batch
+
+    def pixel_values(self, request: ChatRequest) -> torch.Tensor | None:
+        """The request's image preprocessed, (1, 3, R, R) float32, or None without an image."""
+        return None if request.image is None else self.image_processor.pixel_values([request.image])
 
     def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float,
                            stop: Sequence[str] | None) -> dict[str, Any]:

@@ -249,9 +249,9 @@ def test_plain_request_whose_client_leaves_is_cancelled(server, scheduler, engin
 
 
 class _FailingScheduler(BatchScheduler):
-    """Fault injection: every batch fails inside generation."""
+    """Fault injection: every prefill fails."""
 
-    def _run(self, jobs):
+    def _admit(self, jobs):
         raise RuntimeError("injected failure")
 
 
