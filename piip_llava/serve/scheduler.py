@@ -97,7 +97,7 @@ class Job:
 class _Row:
     """A running job's decoding state: its text, its stop ids, and what it suppresses."""
 
-    __slots__ = ("job", "text", "eos_ids", "context_left")
+    __slots__ = ("context_left", "eos_ids", "job", "text")
 
     def __init__(self, job: Job, engine: InferenceEngine) -> None:
         self.job = job
