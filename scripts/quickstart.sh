@@ -17,9 +17,8 @@ START=$SECONDS
 
 if [ -z "${PYTHON:-}" ]; then
   if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import piip_llava, deepspeed, gradio" 2>/dev/null; then
-    echo "== setting up .venv (pip install -e .[train,serve,dev])"
-    [ -x .venv/bin/python ] || python3 -m venv .venv
-    .venv/bin/pip install -q -e ".[train,serve,dev]"
+    echo "== 0/5 setting up .venv"
+    bash "$REPO/scripts/setup_venv.sh" train,serve,dev
   fi
   PYTHON="$REPO/.venv/bin/python"
 fi
@@ -35,7 +34,7 @@ export BATCH="${BATCH:-16}"
 export DATA="$OUT_DIR/data" TOKENIZER_PATH="$OUT_DIR/tokenizer" RUN_DIR="$OUT_DIR/run"
 
 echo "== 1/5 synthetic dataset -> $DATA"
-"$PYTHON" -m piip_llava.data.synthetic --out "$DATA" --num-train "${NUM_TRAIN:-4000}" --num-eval "${NUM_EVAL:-200}"
+"$PYTHON" -m piip_llava.data.synthetic --out "$DATA" --num-train "${NUM_TRAIN:-4000}" --num-eval "${NUM_EVAL:-200}" ${SYNTH_ARGS:-}
 echo "== 2/5 tokenizer trained on the dataset's text -> $TOKENIZER_PATH"
 "$PYTHON" -m piip_llava.data.tokenizer --out "$TOKENIZER_PATH" --vocab-size 2048 \
   --from-llava "$DATA/stage1.json" "$DATA/stage2.json"
