@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: no GPU, no download. Sets up .venv if needed, generates the synthetic
-# dataset, trains a small PIIP-LLaVA (mini-piip2_clip-ls_64-128): stage 0 pretrains the random branches on the
-# images' labels (standing in for pretrained backbones), then scripts/pretrain_piip_llava.sh and
-# scripts/finetune_piip_llava.sh, evaluates it with eval/textvqa.py and eval/mmbench.py, prints the results, asks the
-# Gradio demo about new images, and prints the command that opens the demo. Under 20 minutes on 2 CPU cores.
+# The main job on the embedded default: no GPU, no download. Sets up .venv if needed (with progress), generates the
+# synthetic dataset, trains a small PIIP-LLaVA (mini-piip2_clip-ls_64-128): stage 0 pretrains the random branches on
+# the images' labels (standing in for pretrained backbones), then scripts/pretrain_piip_llava.sh and
+# scripts/finetune_piip_llava.sh, evaluates it with eval/textvqa.py and eval/mmbench.py, prints the results and what
+# they are made of (synthetic_breakdown), asks the Gradio demo about new images, and prints the command that opens the
+# demo. About 11 minutes on 2 quiet CPU cores, 15 with another busy process beside it (README, benchmarks/busy_machine.py).
 #
-#   OUT_DIR (outputs/quickstart), PRESET, NUM_TRAIN (4000), NUM_EVAL (200), STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS, BATCH,
-#   QUICK=1 (a few steps only: the CI smoke run)
+#   OUT_DIR (outputs/quickstart), PRESET, NUM_TRAIN (4000), NUM_EVAL (200), STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS,
+#   BATCH, NPROC (2 on a machine with 2+ cores: stages 1-2 in one single-thread DDP process per core),
+#   SYNTH_ARGS (extra options of python -m piip_llava.data.synthetic), QUICK=1 (a few steps only: the CI smoke run)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -30,7 +32,7 @@ if [ "${QUICK:-0}" = 1 ]; then
 fi
 export PRESET="${PRESET:-mini-piip2_clip-ls_64-128}"
 export STAGE0_STEPS="${STAGE0_STEPS:-1000}" STAGE1_STEPS="${STAGE1_STEPS:-100}" STAGE2_STEPS="${STAGE2_STEPS:-2400}"
-export BATCH="${BATCH:-16}"
+export BATCH="${BATCH:-16}" NPROC="${NPROC:-$(( $(nproc) >= 2 ? 2 : 1 ))}"
 export DATA="$OUT_DIR/data" TOKENIZER_PATH="$OUT_DIR/tokenizer" RUN_DIR="$OUT_DIR/run"
 
 echo "== 1/5 synthetic dataset -> $DATA"
@@ -43,6 +45,8 @@ bash "$REPO/scripts/train_eval_synthetic.sh"
 
 echo "== 5/5 results"
 "$PYTHON" -m piip_llava.evaluation.summary "$RUN_DIR/eval" --title "quickstart: $PRESET on synthetic data"
+"$PYTHON" -m piip_llava.evaluation.synthetic_breakdown "$RUN_DIR/eval" \
+  --annotation-file "$DATA/eval/textvqa/TextVQA_0.5.1_val.json"
 "$PYTHON" -m piip_llava.serve.demo_check --model "$RUN_DIR/stage2" --num 5 || echo "(the demo check got no answer right)"
 echo
 echo "done in $(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s. Chat with the trained model:"

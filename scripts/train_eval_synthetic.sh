@@ -4,8 +4,11 @@
 #
 #   DATA (synthetic dataset folder), TOKENIZER_PATH, PRESET, RUN_DIR (outputs: stage0/, stage1/, stage2/, eval/)
 #   STAGE1_STEPS, STAGE2_STEPS, STAGE1_LR, STAGE2_LR, STAGE2_SCHEDULER (constant_with_warmup), BATCH (per step),
-#   NPROC (1: one process, no DeepSpeed; >1: torchrun + DeepSpeed ZeRO-2 on the CPU), EVAL_BATCH, PYTHON, RELIANCE_RECORDS (128: records for the
-#   image-reliance check, python -m piip_llava.evaluation.image_reliance)
+#   NPROC (1: one process; >1: stages 1 and 2 in NPROC processes, plain DDP unless ZERO=2|3), EVAL_BATCH, PYTHON,
+#   RELIANCE_RECORDS (128: records for the image-reliance check, python -m piip_llava.evaluation.image_reliance)
+#   OMP_NUM_THREADS (1): torch threads per process. These models are too small for a second thread to pay when the
+#     machine is busy: two threads on two cores stall at every parallel region while any other process holds a
+#     core, and one process per core (NPROC) is as fast on a quiet machine (benchmarks/busy_machine.py).
 #   STAGE0_STEPS (1500; 0 skips it), STAGE0_LR (3e-4): stage 0 pretrains branches + interactions + projector on the
 #     dataset's labels (python -m piip_llava.train.vision_pretrain); real branches come pretrained, random ones give
 #     visual tokens an LLM learns to ignore, so this stands in for backbone pretraining. Stage 1 continues from it.
@@ -26,7 +29,8 @@ PYTHON="${PYTHON:-python}"
 NPROC="${NPROC:-1}"
 BATCH="${BATCH:-16}"
 SEED="${SEED:-0}"
-if [ "$NPROC" -gt 1 ]; then ZERO="${ZERO:-2}"; else ZERO="${ZERO:-none}"; fi
+ZERO="${ZERO:-none}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PER_DEVICE=$(( BATCH / NPROC ))
 export PYTHON NPROC ZERO TOKENIZER_PATH PRESET
 export GRAD_CKPT=false MAX_LEN="${MAX_LEN:-512}" LOGGING_STEPS="${LOGGING_STEPS:-25}" SAVE_STEPS=100000 RESUME=auto
