@@ -66,6 +66,8 @@ READ_ALL_FRACTION = 0.45
 #: from-scratch LLM did not start reading within 600 steps (shuffled-image loss = real-image loss); without them the
 #: gap opened by step 300 (measured while stage 2 still trained the tower; not re-measured with it frozen).
 MULTIPLE_CHOICE_FRACTION = 0.05
+#: Text-only multiple-choice records per training image (the scene described in the hint; see `_text_choice_record`).
+TEXT_CHOICE_FRACTION = 0.0
 #: Share of the random-order reading questions that name the word by its colour ("What word is written in red?");
 #: the TextVQA split asks about 1/3 of its questions this way.
 COLOR_REFERENCE_FRACTION = 0.35
@@ -434,10 +436,7 @@ def _read_all_turns(scene: Scene) -> list[tuple[str, str]]:
     """The three reading questions in a fixed order (large, top, bottom): the turn tells which word is asked.
 
     Meant as the way in for a from-scratch LLM: the answer's place in the conversation routes it to the right visual
-    tokens, so it starts to read before it can route by the question's words. Measured in a plain training loop
-    (fresh 2-layer LLM, frozen stage-0 tower, lr 1e-3): the fixed-order questions are read by step ~500-800, the
-    random-order ones follow by step ~1,200-1,800 (top/bottom words first, the large word next, colour-referenced
-    questions stay near the 1/3 of guessing).
+    tokens, so it starts to read before it can route by the question's words (docs/quickstart.md).
     """
     return [(f"{word_question(scene, role, by_color=False)[0].capitalize()}\n{SHORT_ANSWER_PROMPT}",
              scene.word(role).word) for role in ("large", "top", "bottom")]
@@ -466,6 +465,20 @@ def _text_only_record(index: int, rng: random.Random) -> dict:
     return {"id": f"text-{index:06d}", "conversations": _conversation(turns, with_image=False)}
 
 
+def _text_choice_record(index: int, rng: random.Random, image_size: int, layout: Layout) -> dict:
+    """A multiple-choice question whose hint states the answer ("The answer is jet."), with no image.
+
+    The record teaches only the format: find the option that holds a given answer and reply with its letter (the
+    copy an LLM pretrained on text can already do; the quickstart's LLM starts random). Image records then need the
+    reading on top of it.
+    """
+    mc = choice_question(sample_scene(rng, image_size, layout), rng)
+    mc = ChoiceQuestion(mc.question, mc.options, mc.answer, mc.category, mc.l2_category,
+                        hint=f"The answer is {mc.options[mc.answer]}.")
+    return {"id": f"text-choice-{index:06d}", "conversations": _conversation([(mc.prompt(), mc.answer_letter)],
+                                                                             with_image=False)}
+
+
 def _png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -492,8 +505,20 @@ def scene_labels(scene: Scene) -> dict[str, str]:
     return labels
 
 
-def _write_train(out_dir: str, seed: int, num_train: int, image_size: int,
-                 layout: Layout = "fixed") -> tuple[str, str, str]:
+def scene_regions(scene: Scene) -> list[dict]:
+    """Boxes of the words and shapes with what they are and their colour: stage-0 per-token labels
+    (`vision_pretrain.TokenProbe`), written with `--stage0-regions`."""
+    regions = [{"box": list(w.box), "labels": {"object": w.word, "color": w.color}} for w in scene.words]
+    regions += [{"box": list(box), "labels": {"object": scene.shape, "color": scene.shape_color}}
+                for box in scene.shape_boxes]
+    return regions
+
+
+def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layout: Layout = "fixed",
+                 multiple_choice_fraction: float = MULTIPLE_CHOICE_FRACTION,
+                 read_all_fraction: float = READ_ALL_FRACTION,
+                 text_choice_fraction: float = TEXT_CHOICE_FRACTION,
+                 stage0_regions: bool = False) -> tuple[str, str, str]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     stage0, stage1, stage2 = [], [], []
     for i in range(num_train):
@@ -503,19 +528,23 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int,
         render_scene(scene).save(os.path.join(out_dir, rel))
         sid = f"{i:06d}"
         stage0.append({"id": sid, "image": rel, "labels": scene_labels(scene)})
+        if stage0_regions:
+            stage0[-1]["regions"] = scene_regions(scene)
         stage1.append({"id": sid, "image": rel, "conversations": _conversation(
             [(rng.choice(CAPTION_PROMPTS), caption(scene))], with_image=True)})
         kind = rng.random()
-        if kind < MULTIPLE_CHOICE_FRACTION:
+        if kind < multiple_choice_fraction:
             mc = choice_question(scene, rng)
             turns = [(mc.prompt(), mc.answer_letter)]
-        elif kind < MULTIPLE_CHOICE_FRACTION + READ_ALL_FRACTION:
+        elif kind < multiple_choice_fraction + read_all_fraction:
             turns = _read_all_turns(scene)
         else:
             turns = _stage2_turns(scene, rng)
         stage2.append({"id": sid, "image": rel, "conversations": _conversation(turns, with_image=True)})
     for j in range(max(1, num_train // 20) if num_train else 0):
         stage2.append(_text_only_record(j, _rng(seed, "text", j)))
+    for j in range(round(num_train * text_choice_fraction)):
+        stage2.append(_text_choice_record(j, _rng(seed, "text-choice", j), image_size, layout))
     paths = tuple(os.path.join(out_dir, f"stage{k}.json") for k in range(3))
     for path, records in zip(paths, (stage0, stage1, stage2)):
         _write_json(path, records)
@@ -641,7 +670,10 @@ the image at {image_size} px.
 
 def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 4000, num_eval: int = 200,
                                image_size: int = _REF_SIZE, num_mmbench: int | None = None,
-                               layout: Layout = "fixed") -> dict[str, str]:
+                               layout: Layout = "fixed", multiple_choice_fraction: float = MULTIPLE_CHOICE_FRACTION,
+                               read_all_fraction: float = READ_ALL_FRACTION,
+                               text_choice_fraction: float = TEXT_CHOICE_FRACTION,
+                               stage0_regions: bool = False) -> dict[str, str]:
     """Write the whole synthetic dataset under `out_dir` and return its paths.
 
     Returns a dict with keys `root`, `image_folder`, `stage0`, `stage1`, `stage2`, `textvqa_questions`,
@@ -651,9 +683,15 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
     """
     if num_train < 0 or num_eval < 0:
         raise ValueError(f"num_train and num_eval must be >= 0, got {num_train}, {num_eval}")
+    if not (0 <= multiple_choice_fraction and 0 <= read_all_fraction and multiple_choice_fraction + read_all_fraction <= 1):
+        raise ValueError("multiple_choice_fraction and read_all_fraction must be >= 0 and sum to <= 1, got "
+                         f"{multiple_choice_fraction} and {read_all_fraction}")
     num_mmbench = max(4, num_eval // 2) if num_mmbench is None else num_mmbench
     os.makedirs(out_dir, exist_ok=True)
-    stage0, stage1, stage2 = _write_train(out_dir, seed, num_train, image_size, layout)
+    if text_choice_fraction < 0:
+        raise ValueError(f"text_choice_fraction must be >= 0, got {text_choice_fraction}")
+    stage0, stage1, stage2 = _write_train(out_dir, seed, num_train, image_size, layout, multiple_choice_fraction,
+                                          read_all_fraction, text_choice_fraction, stage0_regions)
     tq, ta, timg = _write_textvqa(out_dir, seed, num_eval, image_size, layout)
     mmb = _write_mmbench(out_dir, seed, num_mmbench, image_size, layout)
     s = image_size / _REF_SIZE
@@ -710,10 +748,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=_REF_SIZE, help="side in pixels (highest branch resolution)")
     parser.add_argument("--layout", choices=["fixed", "random"], default="fixed",
                         help="fixed word positions (learnable from scratch) or random positions and sizes")
+    parser.add_argument("--multiple-choice-fraction", type=float, default=MULTIPLE_CHOICE_FRACTION,
+                        help="share of stage-2 image records that are one MMBench-style multiple-choice question")
+    parser.add_argument("--read-all-fraction", type=float, default=READ_ALL_FRACTION,
+                        help="share of stage-2 image records that ask the three words in a fixed order")
+    parser.add_argument("--text-choice-fraction", type=float, default=TEXT_CHOICE_FRACTION,
+                        help="text-only multiple-choice records (scene described in the hint), per training image")
+    parser.add_argument("--stage0-regions", action="store_true",
+                        help="add the boxes of words and shapes to stage0.json (per-token stage-0 labels)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     paths = generate_synthetic_dataset(args.out, seed=args.seed, num_train=args.num_train, num_eval=args.num_eval,
-                                       image_size=args.image_size, num_mmbench=args.num_mmbench, layout=args.layout)
+                                       image_size=args.image_size, num_mmbench=args.num_mmbench, layout=args.layout,
+                                       multiple_choice_fraction=args.multiple_choice_fraction,
+                                       read_all_fraction=args.read_all_fraction,
+                                       text_choice_fraction=args.text_choice_fraction,
+                                       stage0_regions=args.stage0_regions)
     print(f"wrote synthetic dataset to {args.out} in {time.perf_counter() - start:.1f} s")
     for key, path in paths.items():
         print(f"  {key}: {path}")

@@ -12,7 +12,9 @@ the output is a normal checkpoint that stage 1 continues from (`MODEL_PATH`); on
 same tokens the LLM reads, position by position), discarded afterwards.
 
 Data: a JSON list of `{"image": "relative/path.png", "labels": {"field": "value", ...}}`, every record with the same
-fields (the synthetic generator writes `stage0.json`). Classes per field are the sorted distinct values.
+fields (the synthetic generator writes `stage0.json`). Classes per field are the sorted distinct values. Records may
+also carry `"regions": [{"box": [x0, y0, x1, y1], "labels": {"field": "value"}}]` (pixel boxes of a square image):
+then every visual token is also classified by the region under it (`TokenProbe`).
 
     python -m piip_llava.train.vision_pretrain --data-path DATA/stage0.json --image-folder DATA \\
         --preset mini-piip2_clip-ls_64-128 --tokenizer-path TOK --output-dir RUN/stage0 --max-steps 2000
@@ -102,14 +104,78 @@ def load_label_records(path: str) -> tuple[list[dict], dict[str, list[str]]]:
     return records, classes
 
 
+def region_classes(path: str, records: list[dict]) -> dict[str, list[str]]:
+    """Classes of the per-token fields of the records' ``regions`` (``{}`` when no record has any).
+
+    A region is ``{"box": [x0, y0, x1, y1], "labels": {field: value}}`` in the image's pixel coordinates; every
+    region of every record has the same fields. Class 0 of each field is ``"none"`` (a token that no region covers).
+    """
+    with_regions = [i for i, r in enumerate(records) if "regions" in r]
+    if not with_regions:
+        return {}
+    if len(with_regions) != len(records):
+        missing = next(i for i, r in enumerate(records) if "regions" not in r)
+        raise ValueError(f"{path}: record {missing} ({records[missing]['image']}) has no 'regions' while record "
+                         f"{with_regions[0]} has: give regions for every record or none")
+    fields: list[str] | None = None
+    values: dict[str, set[str]] = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec["regions"], list):
+            raise ValueError(f"{path}: record {i} ({rec['image']}): 'regions' must be a list")
+        for j, region in enumerate(rec["regions"]):
+            where = f"{path}: record {i} ({rec['image']}): regions[{j}]"
+            box = region.get("box") if isinstance(region, dict) else None
+            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                    and box[0] < box[2] and box[1] < box[3]):
+                raise ValueError(f"{where}: 'box' must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {box!r}")
+            labels = region.get("labels")
+            if not isinstance(labels, dict) or not labels:
+                raise ValueError(f"{where}: needs a non-empty 'labels' object")
+            if fields is None:
+                fields = sorted(labels)
+            elif sorted(labels) != fields:
+                raise ValueError(f"{where}: label fields {sorted(labels)} differ from the first region's {fields}")
+            for k, v in labels.items():
+                values.setdefault(k, set()).add(str(v))
+    return {k: ["none", *sorted(v - {"none"})] for k, v in sorted(values.items())}
+
+
+def token_targets(regions: list[dict], index: dict[str, dict[str, int]], image_size: tuple[int, int],
+                  grid: int, min_cover: float = 0.1) -> torch.Tensor:
+    """Per-token classes (fields, grid * grid), row-major like the visual tokens: each grid cell takes the labels of
+    the region covering most of it, if that covers at least `min_cover` of the cell, else class 0 ("none")."""
+    width, height = image_size
+    cw, ch = width / grid, height / grid
+    out = torch.zeros(len(index), grid * grid, dtype=torch.long)
+    for r in range(grid):
+        for c in range(grid):
+            x0, y0 = c * cw, r * ch
+            best, best_area = None, min_cover * cw * ch
+            for region in regions:
+                bx0, by0, bx1, by1 = region["box"]
+                area = max(0.0, min(bx1, x0 + cw) - max(bx0, x0)) * max(0.0, min(by1, y0 + ch) - max(by0, y0))
+                if area >= best_area:
+                    best, best_area = region, area
+            if best is not None:
+                for k, (name, field_index) in enumerate(index.items()):
+                    out[k, r * grid + c] = field_index[str(best["labels"][name])]
+    return out
+
+
 class LabelledImageDataset(Dataset):
-    """Records -> (pixel_values (3, R, R), targets (num_fields,) long)."""
+    """Records -> (pixel_values (3, R, R), targets (num_fields,) long, token targets (num_region_fields, T) long).
+
+    Token targets need square images (the processor then only rescales, so a box maps onto the token grid as is)."""
 
     def __init__(self, records: list[dict], classes: dict[str, list[str]], image_folder: str,
-                 processor: PiipLlavaImageProcessor):
+                 processor: PiipLlavaImageProcessor, token_classes: dict[str, list[str]] | None = None,
+                 grid: int = 0):
         self.records, self.image_folder, self.processor = records, image_folder, processor
         self.fields = list(classes)
         self.index = {k: {c: i for i, c in enumerate(v)} for k, v in classes.items()}
+        self.token_index = {k: {c: i for i, c in enumerate(v)} for k, v in (token_classes or {}).items()}
+        self.grid = grid
+        self._token_targets: dict[int, torch.Tensor] = {}  # per record: computed once, reused every epoch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -122,7 +188,15 @@ class LabelledImageDataset(Dataset):
         except ImageLoadError as e:
             raise ImageLoadError(f"record {i}: {e}") from e
         target = torch.tensor([self.index[k][str(rec["labels"][k])] for k in self.fields])
-        return self.processor.pixel_values([image])[0], target
+        tokens = torch.zeros(0, self.grid * self.grid, dtype=torch.long)
+        if self.token_index:
+            if image.width != image.height:
+                raise ValueError(f"record {i} ({rec['image']}): per-token region labels need a square image, got "
+                                 f"{image.width}x{image.height}")
+            if i not in self._token_targets:
+                self._token_targets[i] = token_targets(rec["regions"], self.token_index, image.size, self.grid)
+            tokens = self._token_targets[i]
+        return self.processor.pixel_values([image])[0], target, tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,6 +217,32 @@ class FlatTokenProbe(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         return list(self.head(tokens.flatten(1)).split(self.num_classes, dim=-1))
+
+
+class TokenProbe(nn.Module):
+    """One linear classifier per region field shared by all visual tokens: (N, T, D) -> list of (N, T, C_k) logits.
+
+    Each token has to say what lies under it, so a token carries the features of its own part of the image (the word
+    and the colour written there) instead of leaving them spread over all tokens, as the flat probe allows: an LLM can
+    then find a word by its colour with one attention lookup."""
+
+    def __init__(self, dim: int, num_classes: list[int]):
+        super().__init__()
+        self.num_classes = list(num_classes)
+        self.head = nn.Linear(dim, sum(num_classes))
+
+    def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.head(tokens).split(self.num_classes, dim=-1))
+
+
+def probe_losses(features: torch.Tensor, probe: FlatTokenProbe, token_probe: TokenProbe | None,
+                 targets: torch.Tensor, token_targets_: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every field (image-level and per-token), averaged over the fields."""
+    losses = [F.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(probe(features))]
+    if token_probe is not None:
+        losses += [F.cross_entropy(lg.flatten(0, 1), token_targets_[:, k].flatten())
+                   for k, lg in enumerate(token_probe(features))]
+    return torch.stack(losses).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,17 +268,27 @@ def build_stage0_model(args: VisionPretrainArguments, vocab_size: int | None):
 
 
 @torch.no_grad()
-def evaluate_probe(model, probe: FlatTokenProbe, loader: DataLoader, fields: list[str]) -> dict[str, float]:
-    """Accuracy per label field on `loader`."""
+def evaluate_probe(model, probe: FlatTokenProbe, loader: DataLoader, fields: list[str],
+                   token_probe: TokenProbe | None = None, token_fields: list[str] = ()) -> dict[str, float]:
+    """Accuracy per label field on `loader`; for region fields (``tokens:FIELD``) over the tokens a region covers."""
     model.eval()
     correct = torch.zeros(len(fields))
+    token_correct, token_n = torch.zeros(len(token_fields)), torch.zeros(len(token_fields))
     n = 0
-    for pixel_values, targets in loader:
-        logits = probe(model.get_image_features(pixel_values))
-        correct += torch.stack([(lg.argmax(-1) == targets[:, k]).float().sum() for k, lg in enumerate(logits)])
+    for pixel_values, targets, tok_targets in loader:
+        features = model.get_image_features(pixel_values)
+        correct += torch.stack([(lg.argmax(-1) == targets[:, k]).float().sum() for k, lg in enumerate(probe(features))])
+        if token_probe is not None:
+            for k, lg in enumerate(token_probe(features)):
+                covered = tok_targets[:, k] != 0
+                token_correct[k] += ((lg.argmax(-1) == tok_targets[:, k]) & covered).sum()
+                token_n[k] += covered.sum()
         n += targets.shape[0]
     model.train()
-    return {f: round(float(c) / max(n, 1), 4) for f, c in zip(fields, correct)}
+    acc = {f: round(float(c) / max(n, 1), 4) for f, c in zip(fields, correct)}
+    acc.update({f"tokens:{f}": round(float(c) / max(float(m), 1.0), 4)
+                for f, c, m in zip(token_fields, token_correct, token_n)})
+    return acc
 
 
 def pretrain_vision(args: VisionPretrainArguments) -> dict:
@@ -204,9 +314,14 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
     random.Random(args.seed).shuffle(order)
     eval_records = [records[i] for i in order[:num_eval]]
     train_records = [records[i] for i in order[num_eval:]]
+    token_classes = region_classes(args.data_path, records)
+    grid = math.isqrt(model.config.num_image_tokens)
+    if token_classes and grid * grid != model.config.num_image_tokens:
+        raise ValueError(f"per-token region labels need a square grid of visual tokens, the model has "
+                         f"{model.config.num_image_tokens}")
     processor = PiipLlavaImageProcessor.from_config(model.config)
-    train_ds = LabelledImageDataset(train_records, classes, args.image_folder, processor)
-    eval_ds = LabelledImageDataset(eval_records, classes, args.image_folder, processor)
+    train_ds = LabelledImageDataset(train_records, classes, args.image_folder, processor, token_classes, grid)
+    eval_ds = LabelledImageDataset(eval_records, classes, args.image_folder, processor, token_classes, grid)
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator)
     if len(train_loader) == 0:
@@ -215,8 +330,11 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
 
     probe = FlatTokenProbe(model.config.num_image_tokens, model.config.text_config.hidden_size,
                            [len(v) for v in classes.values()])
-    # only the tower + projector (+ probe) are optimised; the LLM is not even in the forward (get_image_features)
-    params = [p for m in (model.vision_tower, model.multi_modal_projector, probe) for p in m.parameters()]
+    token_probe = (TokenProbe(model.config.text_config.hidden_size, [len(v) for v in token_classes.values()])
+                   if token_classes else None)
+    # only the tower + projector (+ probes) are optimised; the LLM is not even in the forward (get_image_features)
+    modules = [model.vision_tower, model.multi_modal_projector, probe] + ([token_probe] if token_probe else [])
+    params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * args.max_steps),
                                                 args.max_steps)
@@ -227,9 +345,8 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
     step = 0
     bar = tqdm(total=args.max_steps, desc="stage 0 (vision pretraining)", disable=not args.progress, mininterval=2)
     while step < args.max_steps:
-        for pixel_values, targets in train_loader:
-            logits = probe(model.get_image_features(pixel_values))
-            loss = torch.stack([F.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(logits)]).mean()
+        for pixel_values, targets, tok_targets in train_loader:
+            loss = probe_losses(model.get_image_features(pixel_values), probe, token_probe, targets, tok_targets)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -238,7 +355,8 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if step % args.eval_steps == 0 or step == args.max_steps:
-                acc = evaluate_probe(model, probe, eval_loader, fields) if num_eval else {}
+                acc = (evaluate_probe(model, probe, eval_loader, fields, token_probe, list(token_classes))
+                       if num_eval else {})
                 history.append({"step": step, "loss": round(loss.item(), 4), "eval_accuracy": acc})
                 bar.write(f"step {step}: loss {loss.item():.3f}  held-out accuracy "
                           + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
@@ -250,7 +368,7 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
     if tokenizer is not None:
         save_processor(model.config, tokenizer, args.output_dir)
     metrics = {
-        "args": asdict(args), "classes": classes, "num_train": len(train_records), "num_eval": len(eval_records),
+        "args": asdict(args), "classes": classes, "token_classes": token_classes, "num_train": len(train_records), "num_eval": len(eval_records),
         "seconds": round(time.perf_counter() - start, 1), "history": history,
         "final_eval_accuracy": history[-1]["eval_accuracy"] if history else {},
     }

@@ -166,6 +166,34 @@ def test_stage0_labels_pass_the_loader_and_match_the_scenes(dataset):
         assert records[i]["labels"] == syn.scene_labels(scene)
         assert records[i]["labels"]["bottom_word"] == scene.word("bottom").word
         assert records[i]["labels"]["count"] == str(scene.count)
+        assert "regions" not in records[i]
+
+
+def test_stage0_regions_on_request(tmp_path):
+    from piip_llava.train.vision_pretrain import region_classes
+
+    paths = syn.generate_synthetic_dataset(str(tmp_path / "ds"), num_train=6, num_eval=0, stage0_regions=True)
+    records = _load(paths["stage0"])
+    for i, rec in enumerate(records):  # the three words and every shape, with their boxes and colours
+        scene = syn.sample_scene(random.Random(f"piip-synthetic-0-train-{i}"), 128)
+        assert rec["regions"] == syn.scene_regions(scene)
+        assert [r["labels"]["object"] for r in rec["regions"]] == [w.word for w in scene.words] + [scene.shape] * scene.count
+        assert rec["regions"][0]["box"] == list(scene.word("large").box)
+    classes = region_classes(paths["stage0"], records)
+    assert set(classes) == {"object", "color"} and classes["color"][0] == "none"
+
+
+def test_text_choice_records_state_their_answer(tmp_path):
+    paths = syn.generate_synthetic_dataset(str(tmp_path / "ds"), num_train=20, num_eval=0, text_choice_fraction=0.5)
+    records = [r for r in _load(paths["stage2"]) if r["id"].startswith("text-choice-")]
+    assert len(records) == 10 and not any("image" in r for r in records)
+    for rec in records:
+        question, answer = (t["value"] for t in rec["conversations"])
+        stated = re.match(r"The answer is (.+)\.\n", question).group(1)
+        options = dict(re.findall(r"^([A-D])\. (.+)$", question, flags=re.M))
+        assert question.endswith(syn.MC_ANSWER_PROMPT) and options[answer] == stated
+    with pytest.raises(ValueError, match="text_choice_fraction"):
+        syn.generate_synthetic_dataset(str(tmp_path / "bad"), num_train=2, num_eval=0, text_choice_fraction=-1)
 
 
 def test_text_corpus(dataset):

@@ -109,3 +109,45 @@ def test_tokenizer_larger_than_llm_vocabulary_is_refused():
     args = vp.VisionPretrainArguments("d", "i", "o", preset=PRESET, tokenizer_path="tok")
     with pytest.raises(ValueError, match=r"tokenizer tok has 1000000 tokens but the LLM vocabulary is 512"):
         vp.build_stage0_model(args, 10**6)
+
+
+def test_token_targets_take_the_region_covering_most_of_each_cell():
+    index = {"color": {"none": 0, "blue": 1, "red": 2}}
+    regions = [{"box": [0, 0, 32, 16], "labels": {"color": "red"}},     # the top-left 2x1 cells
+               {"box": [52, 52, 64, 64], "labels": {"color": "blue"}},  # 3/4 x 3/4 of the bottom-right cell
+               {"box": [16, 48, 17, 50], "labels": {"color": "blue"}}]  # 2 px: under min_cover, ignored
+    grid = vp.token_targets(regions, index, (64, 64), grid=4)
+    assert grid.shape == (1, 16)
+    assert grid[0].view(4, 4).tolist() == [[2, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+
+
+def test_region_validation_names_record_and_region(tmp_path):
+    ok = {"box": [0, 0, 4, 4], "labels": {"color": "red"}}
+    assert vp.region_classes("p", [{"image": "a", "regions": [ok]}]) == {"color": ["none", "red"]}
+    assert vp.region_classes("p", [{"image": "a"}]) == {}
+    with pytest.raises(ValueError, match=r"record 1 \(b\) has no 'regions' while record 0"):
+        vp.region_classes("p", [{"image": "a", "regions": [ok]}, {"image": "b"}])
+    with pytest.raises(ValueError, match=r"record 0 \(a\): regions\[1\]: 'box'"):
+        vp.region_classes("p", [{"image": "a", "regions": [ok, {"box": [4, 0, 2, 4], "labels": {"color": "red"}}]}])
+    with pytest.raises(ValueError, match=r"regions\[0\]: label fields \['shape'\] differ"):
+        vp.region_classes("p", [{"image": "a", "regions": [ok]}, {"image": "b", "regions": [
+            {"box": [0, 0, 1, 1], "labels": {"shape": "x"}}]}])
+
+
+def test_token_probe_learns_what_lies_under_each_token(tmp_path, tokenizer_dir):
+    data = write_labelled(str(tmp_path))
+    records = json.loads(open(data).read())
+    for rec in records:  # the left and right halves as regions: every token has the colour under it as its label
+        rec["regions"] = [{"box": [0, 0, 32, 64], "labels": {"color": rec["labels"]["left"]}},
+                          {"box": [32, 0, 64, 64], "labels": {"color": rec["labels"]["right"]}}]
+    with open(data, "w") as f:
+        json.dump(records, f)
+    out = tmp_path / "stage0"
+    assert vp.main(["--data-path", data, "--image-folder", str(tmp_path), "--preset", PRESET,
+                    "--tokenizer-path", tokenizer_dir, "--output-dir", str(out), "--max-steps", "40",
+                    "--batch-size", "8", "--num-eval", "16", "--eval-steps", "40", "--no-progress"]) == 0
+    metrics = json.loads((out / vp.METRICS_FILE).read_text())
+    assert metrics["token_classes"] == {"color": ["none", "blue", "red"]}
+    acc = metrics["final_eval_accuracy"]
+    assert acc["left"] == 1.0 and acc["right"] == 1.0
+    assert acc["tokens:color"] >= 0.95  # chance among the two colours is 0.5
