@@ -141,7 +141,7 @@ def _json_safe(obj):
 
 def parse_run(spec: str) -> tuple[str, str, list[str]]:
     """``LABEL=PRESET=DIR[,DIR...]`` -> (label, preset, [dirs]); ValueError naming the spec otherwise."""
-    parts = spec.split("=", 2)
+    parts = spec.rsplit("=", 2)  # from the right: a label may hold "=", a preset or a folder rarely does
     if len(parts) != 3 or not all(parts) or not all(parts[2].split(",")):
         raise ValueError(f"--run {spec!r}: expected LABEL=PRESET=RUN_DIR[,RUN_DIR...]")
     return parts[0], parts[1], parts[2].split(",")

@@ -21,7 +21,11 @@ from pathlib import Path
 from piip_llava.data.synthetic import COLORS
 from piip_llava.evaluation.answer_processing import EvalAIAnswerProcessor
 from piip_llava.evaluation.io import read_answers
-from piip_llava.evaluation.tasks.textvqa import load_textvqa_annotations, prompt_processor, vqa_accuracy
+from piip_llava.evaluation.tasks.textvqa import (
+    load_textvqa_annotations,
+    prompt_processor,
+    vqa_accuracy,
+)
 
 OUTPUT_FILE = "synthetic_breakdown.json"
 #: How a synthetic TextVQA question refers to the word it asks for (see `synthetic.word_question`).

@@ -41,7 +41,8 @@ def test_scores_per_kind_and_spread_over_seeds(tmp_path):
 
 def test_parse_run_names_the_bad_spec():
     assert parse_run("(a)=p=d1,d2") == ("(a)", "p", ["d1", "d2"])
-    for bad in ["(a)=p", "(a)=p=", "(a)=p=d1,,d2", "=p=d"]:
+    assert parse_run("(d) small(d=32)=p=d1") == ("(d) small(d=32)", "p", ["d1"])
+    for bad in ["(a)=p", "(a)=p=", "(a)=p=d1,,d2", "=p=d", "(a)==d"]:
         with pytest.raises(ValueError, match="expected LABEL=PRESET=RUN_DIR"):
             parse_run(bad)
 
