@@ -32,7 +32,7 @@ if [ "${QUICK:-0}" = 1 ]; then
 fi
 export PRESET="${PRESET:-mini-piip2_clip-ls_64-128}"
 export STAGE0_STEPS="${STAGE0_STEPS:-1000}" STAGE1_STEPS="${STAGE1_STEPS:-100}" STAGE2_STEPS="${STAGE2_STEPS:-2400}"
-export BATCH="${BATCH:-16}" NPROC="${NPROC:-$(( $(nproc) >= 2 ? 2 : 1 ))}"
+export BATCH="${BATCH:-16}" NPROC="${NPROC:-$(( $(getconf _NPROCESSORS_ONLN) >= 2 ? 2 : 1 ))}"
 export DATA="$OUT_DIR/data" TOKENIZER_PATH="$OUT_DIR/tokenizer" RUN_DIR="$OUT_DIR/run"
 
 echo "== 1/5 synthetic dataset -> $DATA"

@@ -62,11 +62,10 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
 
 #: Share of stage-2 image records that ask the three words in a fixed order (see `_read_all_turns`).
 READ_ALL_FRACTION = 0.45
-#: Share of stage-2 image records that are one MMBench-style multiple-choice question. Kept small: with 20 % the
-#: from-scratch LLM did not start reading within 600 steps (shuffled-image loss = real-image loss); without them the
-#: gap opened by step 300 (measured while stage 2 still trained the tower; not re-measured with it frozen).
+#: Share of stage-2 image records that are one MMBench-style multiple-choice question; more did not teach the
+#: random LLM the format and slowed its reading (docs/quickstart.md).
 MULTIPLE_CHOICE_FRACTION = 0.05
-#: Text-only multiple-choice records per training image (the scene described in the hint; see `_text_choice_record`).
+#: Text-only multiple-choice records per training image (the hint states the answer; see `_text_choice_record`).
 TEXT_CHOICE_FRACTION = 0.0
 #: Share of the random-order reading questions that name the word by its colour ("What word is written in red?");
 #: the TextVQA split asks about 1/3 of its questions this way.
@@ -683,13 +682,14 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
     """
     if num_train < 0 or num_eval < 0:
         raise ValueError(f"num_train and num_eval must be >= 0, got {num_train}, {num_eval}")
-    if not (0 <= multiple_choice_fraction and 0 <= read_all_fraction and multiple_choice_fraction + read_all_fraction <= 1):
+    if not (multiple_choice_fraction >= 0 and read_all_fraction >= 0
+            and multiple_choice_fraction + read_all_fraction <= 1):
         raise ValueError("multiple_choice_fraction and read_all_fraction must be >= 0 and sum to <= 1, got "
                          f"{multiple_choice_fraction} and {read_all_fraction}")
-    num_mmbench = max(4, num_eval // 2) if num_mmbench is None else num_mmbench
-    os.makedirs(out_dir, exist_ok=True)
     if text_choice_fraction < 0:
         raise ValueError(f"text_choice_fraction must be >= 0, got {text_choice_fraction}")
+    num_mmbench = max(4, num_eval // 2) if num_mmbench is None else num_mmbench
+    os.makedirs(out_dir, exist_ok=True)
     stage0, stage1, stage2 = _write_train(out_dir, seed, num_train, image_size, layout, multiple_choice_fraction,
                                           read_all_fraction, text_choice_fraction, stage0_regions)
     tq, ta, timg = _write_textvqa(out_dir, seed, num_eval, image_size, layout)

@@ -223,8 +223,8 @@ class TokenProbe(nn.Module):
     """One linear classifier per region field shared by all visual tokens: (N, T, D) -> list of (N, T, C_k) logits.
 
     Each token has to say what lies under it, so a token carries the features of its own part of the image (the word
-    and the colour written there) instead of leaving them spread over all tokens, as the flat probe allows: an LLM can
-    then find a word by its colour with one attention lookup."""
+    and the colour written there) instead of leaving them spread over all tokens, as the flat probe allows, so that an
+    LLM can find a word by its colour with one attention lookup (what it did for the quickstart: docs/quickstart.md)."""
 
     def __init__(self, dim: int, num_classes: list[int]):
         super().__init__()

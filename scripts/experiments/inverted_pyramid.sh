@@ -45,7 +45,7 @@ declare -A LABELS=([a]="(a) large@64" [b]="(b) large@128" [c]="(c) PIIP large@64
 SEEDS="${SEEDS:-0 1 2}"
 # Each training run is one process of one thread (train_eval_synthetic.sh), so JOBS runs go side by side, one per
 # core; a run's output goes to RUN_DIR/log.txt.
-JOBS="${JOBS:-$(nproc)}"
+JOBS="${JOBS:-$(getconf _NPROCESSORS_ONLN)}"
 REPORT_ARGS=()
 FAILED=0
 for run in ${RUNS:-a b c d}; do
