@@ -1,5 +1,6 @@
-"""Tiny checkpoints for tests, benchmarks and the quickstart (no download: random weights + a local tokenizer), and
-loopback servers for the serving tests and benchmarks."""
+"""Tiny checkpoints for tests, benchmarks and the quickstart (no download: random weights + a local tokenizer),
+loopback servers for the serving tests and benchmarks, and a Python process that cannot import this package (the
+remote-code tests)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,9 @@ import os
 import signal
 import subprocess
 import threading
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -104,3 +106,34 @@ def stop_process_group(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+_WITHOUT_PACKAGE_PRELUDE = r'''
+import importlib.abc, os, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "piip_llava" or name.startswith("piip_llava."):
+            raise ModuleNotFoundError("blocked: " + name)
+sys.meta_path.insert(0, _Block())
+try:
+    import piip_llava  # noqa: F401
+    raise SystemExit("piip_llava importable")
+except ModuleNotFoundError:
+    pass
+import torch
+torch.set_num_threads(int(os.environ["PIIP_PARENT_THREADS"]))  # the parent's: same reduction order, same bits
+'''
+
+
+def run_without_package(script: str, args: Sequence[str], workdir: str, timeout_s: float = 300.0
+                        ) -> subprocess.CompletedProcess:
+    """Run `script` (Python source; `sys.argv[1:]` = `args`) in a process where `import piip_llava` fails, with this
+    process's torch thread count, offline, remote-code modules cached under `workdir`: what a user with only
+    transformers installed gets from a checkpoint's bundled code."""
+    path = os.path.join(workdir, "without_piip_llava.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_WITHOUT_PACKAGE_PRELUDE + script)
+    env = dict(os.environ, HF_MODULES_CACHE=os.path.join(workdir, "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="",
+               PIIP_PARENT_THREADS=str(torch.get_num_threads()))
+    return subprocess.run([sys.executable, path, *args], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=timeout_s, check=False)

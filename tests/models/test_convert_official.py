@@ -824,16 +824,8 @@ def test_range_and_stride_fields_of_our_own_configs():
 
 
 _REMOTE_TOWER = r'''
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "piip_llava" or name.startswith("piip_llava."):
-            raise ModuleNotFoundError("blocked: " + name)
-sys.meta_path.insert(0, Block())
-import torch
 from transformers import AutoModelForImageTextToText
 ck, out = sys.argv[1], sys.argv[2]
-torch.set_num_threads(int(sys.argv[3]))
 model = AutoModelForImageTextToText.from_pretrained(ck, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
@@ -844,8 +836,7 @@ with torch.no_grad():
 
 def test_resized_kernel_and_skipped_blocks_load_as_remote_code(tmp_path):
     """The converted checkpoint (patch_stride, strict_ranges False) runs with transformers alone, as in-package."""
-    import subprocess
-    import sys
+    from piip_llava.testing import run_without_package
 
     spec = dict(BEYOND_PRESET_CASES["resized-kernel-old-stride"])
     spec["branches"] = [(64, [[0, 0], [2, 2]], "pretrained/clip-48", True, CLIP_48, True),
@@ -855,11 +846,7 @@ def test_resized_kernel_and_skipped_blocks_load_as_remote_code(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConversionWarning)
         assert main([src, dst]) == 0
-    script = tmp_path / "remote.py"
-    script.write_text(_REMOTE_TOWER)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, str(script), dst, str(tmp_path / "out.pt"), str(torch.get_num_threads())],
-                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = run_without_package(_REMOTE_TOWER, [dst, str(tmp_path / "out.pt")], str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = PiipLlavaForConditionalGeneration.from_pretrained(dst).eval()
     b1, b2 = model.config.vision_config.branch_configs()

@@ -1,7 +1,5 @@
 """`PiipLlavaProcessor`: chat templates, LLaVA tokenisation, vLLM's one-pass view, save/load, self-contained checkpoints."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from piip_llava.data.conversation import build_prompt_text, chat_template_jinja,
 from piip_llava.models import PiipLlavaForConditionalGeneration, PiipLlavaProcessor, load_preset
 from piip_llava.models.processing_piip_llava import prompt_prefix
 from piip_llava.models.remote_code import BUNDLE, bundle_source
-from piip_llava.testing import build_tiny_checkpoint
+from piip_llava.testing import build_tiny_checkpoint, run_without_package
 
 TEMPLATES = ["vicuna_v1", "plain", "llama3", "qwen2", "mistral"]
 CONVERSATIONS = [
@@ -137,22 +135,9 @@ def test_bundle_is_free_of_package_imports():
 
 
 _REMOTE = r'''
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "piip_llava" or name.startswith("piip_llava."):
-            raise ModuleNotFoundError("blocked: " + name)
-sys.meta_path.insert(0, Block())
-try:
-    import piip_llava  # noqa: F401
-    raise SystemExit("piip_llava importable")
-except ModuleNotFoundError:
-    pass
-import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 ck, out = sys.argv[1], sys.argv[2]
-torch.set_num_threads(int(sys.argv[3]))  # the parent's: the same reduction order, bit-identical logits
 proc = AutoProcessor.from_pretrained(ck, trust_remote_code=True)
 model = AutoModelForImageTextToText.from_pretrained(ck, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
@@ -173,12 +158,7 @@ def test_checkpoint_runs_with_transformers_alone(tmp_path, tokenizer_dir, preset
     from piip_llava.serve.inference import ChatRequest, InferenceEngine
 
     ck = build_tiny_checkpoint(str(tmp_path / "ck"), preset=preset, tokenizer_dir=tokenizer_dir, gate_scale=0.5)
-    script = tmp_path / "remote.py"
-    script.write_text(_REMOTE)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, str(script), ck, str(tmp_path / "out.pt"), str(torch.get_num_threads())],
-                          cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_without_package(_REMOTE, [ck, str(tmp_path / "out.pt")], str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt", weights_only=True)
     engine = InferenceEngine.load(ck, device="cpu", dtype="float32")
