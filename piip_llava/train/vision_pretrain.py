@@ -88,20 +88,23 @@ def load_label_records(path: str) -> tuple[list[dict], dict[str, list[str]]]:
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
             raise ValueError(f"{path}: record {i}: needs an 'image' path (string)")
-        labels = rec.get("labels")
-        if not isinstance(labels, dict) or not labels:
-            raise ValueError(f"{path}: record {i} ({rec['image']}): needs a non-empty 'labels' object")
-        if fields is None:
-            fields = sorted(labels)
-        elif sorted(labels) != fields:
-            raise ValueError(f"{path}: record {i} ({rec['image']}): label fields {sorted(labels)} differ from the "
-                             f"first record's {fields}")
-        for k, v in labels.items():
-            if not isinstance(v, (str, int)):
-                raise ValueError(f"{path}: record {i} ({rec['image']}): label {k!r} must be a string or int, got {v!r}")
+        fields = _check_labels(rec.get("labels"), fields, f"{path}: record {i} ({rec['image']})", "record")
     assert fields is not None
     classes = {k: sorted({str(r["labels"][k]) for r in records}) for k in fields}
     return records, classes
+
+
+def _check_labels(labels: object, fields: list[str] | None, where: str, first: str) -> list[str]:
+    """Check one `labels` object (non-empty, string or int values, the same fields as the `first` one seen, whose
+    sorted fields are `fields`, None for the first) and return its sorted fields; errors start with `where`."""
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"{where}: needs a non-empty 'labels' object")
+    if fields is not None and sorted(labels) != fields:
+        raise ValueError(f"{where}: label fields {sorted(labels)} differ from the first {first}'s {fields}")
+    for k, v in labels.items():
+        if not isinstance(v, (str, int)):
+            raise ValueError(f"{where}: label {k!r} must be a string or int, got {v!r}")
+    return sorted(labels)
 
 
 def region_classes(path: str, records: list[dict]) -> dict[str, list[str]]:
@@ -128,14 +131,8 @@ def region_classes(path: str, records: list[dict]) -> dict[str, list[str]]:
             if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
                     and box[0] < box[2] and box[1] < box[3]):
                 raise ValueError(f"{where}: 'box' must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {box!r}")
-            labels = region.get("labels")
-            if not isinstance(labels, dict) or not labels:
-                raise ValueError(f"{where}: needs a non-empty 'labels' object")
-            if fields is None:
-                fields = sorted(labels)
-            elif sorted(labels) != fields:
-                raise ValueError(f"{where}: label fields {sorted(labels)} differ from the first region's {fields}")
-            for k, v in labels.items():
+            fields = _check_labels(region.get("labels"), fields, where, "region")
+            for k, v in region["labels"].items():
                 values.setdefault(k, set()).add(str(v))
     return {k: ["none", *sorted(v - {"none"})] for k, v in sorted(values.items())}
 

@@ -129,6 +129,8 @@ def test_region_validation_names_record_and_region(tmp_path):
         vp.region_classes("p", [{"image": "a", "regions": [ok]}, {"image": "b"}])
     with pytest.raises(ValueError, match=r"record 0 \(a\): regions\[1\]: 'box'"):
         vp.region_classes("p", [{"image": "a", "regions": [ok, {"box": [4, 0, 2, 4], "labels": {"color": "red"}}]}])
+    with pytest.raises(ValueError, match=r"record 0 \(a\): regions\[0\]: label 'color' must be a string or int"):
+        vp.region_classes("p", [{"image": "a", "regions": [{"box": [0, 0, 1, 1], "labels": {"color": [1]}}]}])
     with pytest.raises(ValueError, match=r"regions\[0\]: label fields \['shape'\] differ"):
         vp.region_classes("p", [{"image": "a", "regions": [ok]}, {"image": "b", "regions": [
             {"box": [0, 0, 1, 1], "labels": {"shape": "x"}}]}])
