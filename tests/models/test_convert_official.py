@@ -694,18 +694,25 @@ def write_case(root, name: str, spec: dict, seed: int) -> tuple[str, dict, str, 
     return str(src), gen.sd, str(src / "configs/tower.py"), archs
 
 
-@pytest.mark.parametrize("name", sorted(OFFICIAL_CASES))
-def test_every_official_layout_gives_the_official_forward(tmp_path, name):
-    spec = OFFICIAL_CASES[name]
-    src, sd, py, archs = write_case(tmp_path, name, spec, seed=sorted(OFFICIAL_CASES).index(name) + 10)
+def convert_case_checking_warnings(tmp_path, name: str, spec: dict, seed: int):
+    """Write the official case, convert it, check the forward against the official one and that every warning the
+    case expects (`spec["warns"]` patterns) was given; returns the converted model."""
+    src, sd, py, archs = write_case(tmp_path, name, spec, seed=seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = assert_matches_official(src, str(tmp_path / "out"), sd, py, archs)
-    inter = model.config.vision_config.interaction
-    assert {k: inter[k] for k in spec["expect"]} == spec["expect"]
     messages = [str(w.message) for w in caught]
     for pattern in spec.get("warns", []):
         assert any(re.search(pattern, m) for m in messages), (pattern, messages)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_CASES))
+def test_every_official_layout_gives_the_official_forward(tmp_path, name):
+    spec = OFFICIAL_CASES[name]
+    model = convert_case_checking_warnings(tmp_path, name, spec, seed=sorted(OFFICIAL_CASES).index(name) + 10)
+    inter = model.config.vision_config.interaction
+    assert {k: inter[k] for k in spec["expect"]} == spec["expect"]
     assert model.config.vision_config.enforce_pyramid == (not spec.get("warns"))
     assert model.config.num_image_tokens == spec.get("tokens", 64)
 
@@ -755,13 +762,7 @@ BEYOND_PRESET_CASES = {
 @pytest.mark.parametrize("name", sorted(BEYOND_PRESET_CASES))
 def test_official_layouts_beyond_our_presets_give_the_official_forward(tmp_path, name):
     spec = BEYOND_PRESET_CASES[name]
-    src, sd, py, archs = write_case(tmp_path, name, spec, seed=sorted(BEYOND_PRESET_CASES).index(name) + 30)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = assert_matches_official(src, str(tmp_path / "out"), sd, py, archs)
-    messages = [str(w.message) for w in caught]
-    for pattern in spec["warns"]:
-        assert any(re.search(pattern, m) for m in messages), (pattern, messages)
+    model = convert_case_checking_warnings(tmp_path, name, spec, seed=sorted(BEYOND_PRESET_CASES).index(name) + 30)
     branches = model.config.vision_config.branch_configs()
     if spec["ranges"] is None:
         assert all(b.strict_ranges for b in branches)
