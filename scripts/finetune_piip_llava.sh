@@ -20,7 +20,7 @@
 #              on a machine without GPU default 1 unless GLOBAL_BATCH is set)
 #   output     OUTPUT_DIR, SAVE_STEPS (50000), SAVE_TOTAL_LIMIT (1), LOGGING_STEPS (1), REPORT_TO (none)
 #              RESUME (auto: the newest complete OUTPUT_DIR/checkpoint-N; a checkpoint folder; none: step 0)
-#   trainable  TUNE (full | lora | projector+llm | projector | projector+interactions), LORA_R (128), LORA_ALPHA (256), QLORA (false),
+#   trainable  TUNE (full | lora | projector+llm | llm | projector | projector+interactions), LORA_R (128), LORA_ALPHA (256), QLORA (false),
 #              MERGE (0; 1 = merge the LoRA adapter after training)
 #   launch     ZERO (3 | 2 | 3_offload | none), PRECISION (bf16 | fp16 | fp32; GPU only), GRAD_CKPT (true)
 #              ENGINE (deepspeed | fsdp: PyTorch FSDP2, ZERO ignored), FSDP_RESHARD (true: like ZeRO-3 | false: like

@@ -8,6 +8,7 @@
 #
 #   OUT_DIR (outputs/quickstart), PRESET, NUM_TRAIN (4000), NUM_EVAL (200), STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS,
 #   BATCH, NPROC (2 on a machine with 2+ cores: stages 1-2 in one single-thread DDP process per core),
+#   LM_STEPS (0; > 0 adds language pretraining, scripts/train_eval_synthetic.sh),
 #   SYNTH_ARGS (extra options of python -m piip_llava.data.synthetic), QUICK=1 (a few steps only: the CI smoke run)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,10 +37,14 @@ export BATCH="${BATCH:-16}" NPROC="${NPROC:-$(( $(getconf _NPROCESSORS_ONLN) >= 
 export DATA="$OUT_DIR/data" TOKENIZER_PATH="$OUT_DIR/tokenizer" RUN_DIR="$OUT_DIR/run"
 
 echo "== 1/5 synthetic dataset -> $DATA"
+CORPUS=("$DATA/stage1.json" "$DATA/stage2.json")
+if [ "${LM_STEPS:-0}" -gt 0 ]; then  # language pretraining (off by default: docs/quickstart.md) needs its records
+  SYNTH_ARGS="${SYNTH_ARGS:-} --lm-pretrain-records ${NUM_TRAIN:-4000}"
+  CORPUS+=("$DATA/lm_pretrain.json")
+fi
 "$PYTHON" -m piip_llava.data.synthetic --out "$DATA" --num-train "${NUM_TRAIN:-4000}" --num-eval "${NUM_EVAL:-200}" ${SYNTH_ARGS:-}
 echo "== 2/5 tokenizer trained on the dataset's text -> $TOKENIZER_PATH"
-"$PYTHON" -m piip_llava.data.tokenizer --out "$TOKENIZER_PATH" --vocab-size 2048 \
-  --from-llava "$DATA/stage1.json" "$DATA/stage2.json"
+"$PYTHON" -m piip_llava.data.tokenizer --out "$TOKENIZER_PATH" --vocab-size 2048 --from-llava "${CORPUS[@]}"
 echo "== 3/5 + 4/5 training and evaluation"
 bash "$REPO/scripts/train_eval_synthetic.sh"
 

@@ -12,6 +12,9 @@
 #   STAGE0_STEPS (1500; 0 skips it), STAGE0_LR (3e-4): stage 0 pretrains branches + interactions + projector on the
 #     dataset's labels (python -m piip_llava.train.vision_pretrain); real branches come pretrained, random ones give
 #     visual tokens an LLM learns to ignore, so this stands in for backbone pretraining. Stage 1 continues from it.
+#   LM_STEPS (0: skipped), LM_LR (1e-3): language pretraining between stages 0 and 1, the LLM alone (TUNE=llm) on
+#     DATA/lm_pretrain.json (text-only lookups in a described scene, written with --lm-pretrain-records): it stands in
+#     for the text pretraining a real LLM brings. Off: 1,000 steps did not form the lookups and cost the reading.
 #   STAGE1_TUNE (projector): what stage 1 trains: the official policy (projector only, on the captions); stage 2 then
 #     starts from the stage-0 checkpoint + this projector. STAGE1_TUNE=full trains the whole model in stage 1 and
 #     stage 2 continues from it.
@@ -53,6 +56,21 @@ fi
 # The synthetic pipeline's figures (README) were measured with clipping at 1.0 and transformers 5's token-level loss
 # mean; the official recipe (the stage scripts' defaults) clips nothing and averages per micro-batch.
 SYNTH_TRAIN_ARGS=(--max_grad_norm "${MAX_GRAD_NORM:-1.0}" --loss_normalization "${LOSS_NORMALIZATION:-tokens}" --seed "$SEED")
+
+LM_STEPS="${LM_STEPS:-0}"
+if [ "$LM_STEPS" -gt 0 ]; then
+  if [ ! -f "$DATA/lm_pretrain.json" ]; then
+    echo "error: LM_STEPS=$LM_STEPS needs $DATA/lm_pretrain.json (python -m piip_llava.data.synthetic --lm-pretrain-records N)" >&2
+    exit 1
+  fi
+  echo "== [$PRESET] language pretraining: the LLM alone on text-only lookups ($LM_STEPS steps)"
+  env "${STAGE1_FROM[@]}" TUNE=llm DATA_PATH="$DATA/lm_pretrain.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/lm" \
+    MAX_STEPS="$LM_STEPS" LR="${LM_LR:-1e-3}" SCHEDULER="${LM_SCHEDULER:-constant_with_warmup}" \
+    PER_DEVICE_BATCH="$PER_DEVICE" WARMUP="${LM_WARMUP:-0.03}" \
+    bash "$SCRIPT_DIR/finetune_piip_llava.sh" "${SYNTH_TRAIN_ARGS[@]}"
+  STAGE1_FROM=(MODEL_PATH="$RUN_DIR/lm")
+fi
+
 
 STAGE1_TUNE="${STAGE1_TUNE:-projector}"
 echo "== [$PRESET] stage 1: alignment on captions, trainable: $STAGE1_TUNE (${STAGE1_STEPS:-100} steps)"

@@ -13,7 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
     out = tmp_path / "qs"
-    env = dict(os.environ, QUICK="1", OUT_DIR=str(out), PYTHON=sys.executable, NUM_TRAIN="120", NUM_EVAL="12")
+    # LM_STEPS: the optional language-pretraining stage runs too (tests/test_inverted_pyramid_experiment.py covers
+    # the default pipeline without it)
+    env = dict(os.environ, QUICK="1", OUT_DIR=str(out), PYTHON=sys.executable, NUM_TRAIN="120", NUM_EVAL="12",
+               LM_STEPS="2")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "quickstart.sh")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1500)
     log = proc.stdout + proc.stderr
@@ -24,6 +27,11 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert len(json.loads((out / "data" / "stage2.json").read_text())) > 120
     stage0 = json.loads((out / "run" / "stage0" / "vision_pretrain_metrics.json").read_text())
     assert stage0["num_train"] + stage0["num_eval"] == 120 and set(stage0["final_eval_accuracy"]) >= {"top_word"}
+    assert "language pretraining: the LLM alone" in log and "tune llm" in log
+    lm_records = json.loads((out / "data" / "lm_pretrain.json").read_text())
+    assert len(lm_records) == 120 and not any("image" in r for r in lm_records)
+    assert (out / "run" / "lm" / "model.safetensors").is_file()
+    assert log.count(f"model: the checkpoint {out / 'run' / 'lm'}") == 2  # stages 1 and 2 continue from it
     assert (out / "run" / "stage1" / "mm_projector.safetensors").is_file()  # official stage-1 policy: projector
     assert (out / "run" / "stage2" / "model.safetensors").is_file()
     answers = (out / "run" / "eval" / "textvqa_answers.jsonl").read_text().splitlines()

@@ -70,6 +70,8 @@ TEXT_CHOICE_FRACTION = 0.0
 #: Share of the random-order reading questions that name the word by its colour ("What word is written in red?");
 #: the TextVQA split asks about 1/3 of its questions this way.
 COLOR_REFERENCE_FRACTION = 0.35
+#: Questions per text-only language-pretraining record (`lm_pretrain_record`): several lookups per description.
+LM_PRETRAIN_TURNS = 6
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MC_ANSWER_PROMPT = "Answer with the option's letter from the given choices directly."
 OCR_PREFIX = "Reference OCR token: "
@@ -410,11 +412,12 @@ def _rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"piip-synthetic-{seed}-{split}-{index}")
 
 
-def _stage2_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+def _stage2_turns(scene: Scene, rng: random.Random,
+                  color_reference_fraction: float = COLOR_REFERENCE_FRACTION) -> list[tuple[str, str]]:
     """2-4 distinct short-answer (question, answer) turns; word-reading questions dominate."""
     pool: list[tuple[str, str]] = []
     for role in ("large", "top", "bottom"):
-        by_color = rng.random() < COLOR_REFERENCE_FRACTION
+        by_color = rng.random() < color_reference_fraction
         q, a = word_question(scene, role, by_color)
         tokens = ocr_tokens(scene, rng) if rng.random() < 0.5 else None
         pool.append((textvqa_prompt(q, tokens), a))
@@ -478,6 +481,52 @@ def _text_choice_record(index: int, rng: random.Random, image_size: int, layout:
                                                                              with_image=False)}
 
 
+def describe_scene(scene: Scene, rng: random.Random) -> str:
+    """The scene in words, what language pretraining reads instead of the image: one sentence per object, in random
+    order (so a question is answered by what it names, not by where it looks), each colour right before its word
+    ("Large letters: red jet."), the adjacency that an in-context copy finds most easily."""
+    large, top, bottom = scene.word("large"), scene.word("top"), scene.word("bottom")
+    n = scene.count
+    sentences = [f"Large letters: {large.color} {large.word}.",
+                 f"Small letters at the top: {top.color} {top.word}.",
+                 f"Small letters at the bottom: {bottom.color} {bottom.word}.",
+                 f"Shapes: {NUMBER_WORDS[n]} {scene.shape_color} {_plural(scene.shape, n)}."]
+    rng.shuffle(sentences)
+    return " ".join(sentences)
+
+
+def lm_pretrain_record(index: int, rng: random.Random, image_size: int, layout: Layout,
+                       turns: int = LM_PRETRAIN_TURNS) -> dict:
+    """A text-only conversation: a scene described in words, then `turns` questions: multiple choice (about the
+    scene, or with the answer stated in the hint) and the short-answer questions of stage 2, mostly colour-referenced.
+
+    Every answer is a lookup by content in the context (the word after the named colour, the option that holds the
+    answer): the in-context skill a pretrained LLM brings and the multiple-choice and colour-referenced questions
+    need (docs/quickstart.md).
+    """
+    scene = sample_scene(rng, image_size, layout)
+    out = []
+    for _ in range(turns):
+        kind = rng.choices(["mc_scene", "mc_stated", "color_word", "role_word", "attribute"],
+                           weights=[2, 2, 3, 1, 1])[0]
+        if kind.startswith("mc"):
+            mc = choice_question(scene, rng)
+            if kind == "mc_stated":
+                mc = ChoiceQuestion(mc.question, mc.options, mc.answer, mc.category, mc.l2_category,
+                                    hint=f"The answer is {mc.options[mc.answer]}.")
+            out.append((mc.prompt(), mc.answer_letter))
+            continue
+        if kind == "attribute":
+            q, a = attribute_question(scene, rng.choice(["large_color", "shape", "count", "shape_color"]))
+        else:
+            q, a = word_question(scene, rng.choice(["large", "top", "bottom"]), by_color=kind == "color_word")
+            q = q.capitalize()
+        out.append((f"{q}\n{SHORT_ANSWER_PROMPT}", a))
+    q0, a0 = out[0]
+    out[0] = (f"{describe_scene(scene, rng)}\n{q0}", a0)
+    return {"id": f"lm-{index:06d}", "conversations": _conversation(out, with_image=False)}
+
+
 def _png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -517,7 +566,9 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
                  multiple_choice_fraction: float = MULTIPLE_CHOICE_FRACTION,
                  read_all_fraction: float = READ_ALL_FRACTION,
                  text_choice_fraction: float = TEXT_CHOICE_FRACTION,
-                 stage0_regions: bool = False) -> tuple[str, str, str]:
+                 stage0_regions: bool = False,
+                 color_reference_fraction: float = COLOR_REFERENCE_FRACTION,
+                 lm_pretrain_records: int = 0) -> tuple[str, ...]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     stage0, stage1, stage2 = [], [], []
     for i in range(num_train):
@@ -538,7 +589,7 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
         elif kind < multiple_choice_fraction + read_all_fraction:
             turns = _read_all_turns(scene)
         else:
-            turns = _stage2_turns(scene, rng)
+            turns = _stage2_turns(scene, rng, color_reference_fraction)
         stage2.append({"id": sid, "image": rel, "conversations": _conversation(turns, with_image=True)})
     for j in range(max(1, num_train // 20) if num_train else 0):
         stage2.append(_text_only_record(j, _rng(seed, "text", j)))
@@ -547,7 +598,12 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
     paths = tuple(os.path.join(out_dir, f"stage{k}.json") for k in range(3))
     for path, records in zip(paths, (stage0, stage1, stage2)):
         _write_json(path, records)
-    return paths
+    if not lm_pretrain_records:
+        return paths
+    lm_path = os.path.join(out_dir, "lm_pretrain.json")
+    _write_json(lm_path, [lm_pretrain_record(j, _rng(seed, "lm", j), image_size, layout)
+                          for j in range(lm_pretrain_records)])
+    return (*paths, lm_path)
 
 
 def _write_textvqa(out_dir: str, seed: int, num_eval: int, image_size: int, layout: Layout = "fixed") -> tuple[str, str, str]:
@@ -653,6 +709,10 @@ The three words are distinct, drawn in upper case with a fixed character pitch, 
   half of the random-order ones with a `Reference OCR token:` line, with
   "{short}"; colour / shape / count questions; MMBench-style multiple choice ending in
   "{mc}"; plus text-only records (no `image`).
+* `lm_pretrain.json` (with `--lm-pretrain-records N`): N text-only LLaVA conversations for language pretraining
+  (`LM_STEPS` of scripts/train_eval_synthetic.sh; the tiny LLM starts random): a scene described in words
+  (sentences in random order), then {lm_turns} questions about it: multiple choice (about the scene, or with the answer
+  stated in the hint) and the short-answer questions of stage 2, most of them "What word is written in <colour>?".
 * `eval/textvqa/llava_textvqa_val_v051_ocr.jsonl`, `eval/textvqa/TextVQA_0.5.1_val.json`,
   `eval/textvqa/train_images/<image_id>.jpg`: {num_eval} questions in the real TextVQA formats, two per image,
   about 2/3 of them about a small word; 10 answers each (case / period / article variants, sometimes 1-2 wrong
@@ -672,10 +732,13 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
                                layout: Layout = "fixed", multiple_choice_fraction: float = MULTIPLE_CHOICE_FRACTION,
                                read_all_fraction: float = READ_ALL_FRACTION,
                                text_choice_fraction: float = TEXT_CHOICE_FRACTION,
-                               stage0_regions: bool = False) -> dict[str, str]:
+                               stage0_regions: bool = False,
+                               color_reference_fraction: float = COLOR_REFERENCE_FRACTION,
+                               lm_pretrain_records: int = 0) -> dict[str, str]:
     """Write the whole synthetic dataset under `out_dir` and return its paths.
 
-    Returns a dict with keys `root`, `image_folder`, `stage0`, `stage1`, `stage2`, `textvqa_questions`,
+    Returns a dict with keys `root`, `image_folder`, `stage0`, `stage1`, `stage2`, `lm_pretrain` (only with
+    `lm_pretrain_records`), `textvqa_questions`,
     `textvqa_annotations`, `textvqa_image_folder`, `mmbench_tsv`, `readme`. `num_mmbench` (distinct MMBench
     questions) defaults to max(4, num_eval // 2). `layout`: "fixed" word positions (default; learnable from random weights on a CPU) or
     "random" positions and sizes (see `sample_scene`).
@@ -688,10 +751,16 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
                          f"{multiple_choice_fraction} and {read_all_fraction}")
     if text_choice_fraction < 0:
         raise ValueError(f"text_choice_fraction must be >= 0, got {text_choice_fraction}")
+    if lm_pretrain_records < 0:
+        raise ValueError(f"lm_pretrain_records must be >= 0, got {lm_pretrain_records}")
+    if not 0 <= color_reference_fraction <= 1:
+        raise ValueError(f"color_reference_fraction must be in [0, 1], got {color_reference_fraction}")
     num_mmbench = max(4, num_eval // 2) if num_mmbench is None else num_mmbench
     os.makedirs(out_dir, exist_ok=True)
-    stage0, stage1, stage2 = _write_train(out_dir, seed, num_train, image_size, layout, multiple_choice_fraction,
-                                          read_all_fraction, text_choice_fraction, stage0_regions)
+    stage0, stage1, stage2, *lm_pretrain = _write_train(out_dir, seed, num_train, image_size, layout,
+                                                        multiple_choice_fraction, read_all_fraction,
+                                                        text_choice_fraction, stage0_regions,
+                                                        color_reference_fraction, lm_pretrain_records)
     tq, ta, timg = _write_textvqa(out_dir, seed, num_eval, image_size, layout)
     mmb = _write_mmbench(out_dir, seed, num_mmbench, image_size, layout)
     s = image_size / _REF_SIZE
@@ -701,9 +770,9 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
             out=out_dir, seed=seed, num_train=num_train, num_eval=num_eval, image_size=image_size,
             num_mmbench=num_mmbench, large_lo=LARGE_FONT_RANGE[0] * s, large_hi=LARGE_FONT_RANGE[1] * s,
             small=SMALL_FONT_SIZE * s, colors=", ".join(COLORS), nvocab=len(VOCABULARY), vocab=", ".join(VOCABULARY),
-            short=SHORT_ANSWER_PROMPT, mc=MC_ANSWER_PROMPT))
+            short=SHORT_ANSWER_PROMPT, mc=MC_ANSWER_PROMPT, lm_turns=LM_PRETRAIN_TURNS))
     return {"root": out_dir, "image_folder": out_dir, "stage0": stage0, "stage1": stage1, "stage2": stage2,
-            "textvqa_questions": tq,
+            **({"lm_pretrain": lm_pretrain[0]} if lm_pretrain else {}), "textvqa_questions": tq,
             "textvqa_annotations": ta, "textvqa_image_folder": timg, "mmbench_tsv": mmb, "readme": readme}
 
 
@@ -754,6 +823,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of stage-2 image records that ask the three words in a fixed order")
     parser.add_argument("--text-choice-fraction", type=float, default=TEXT_CHOICE_FRACTION,
                         help="text-only multiple-choice records (scene described in the hint), per training image")
+    parser.add_argument("--color-reference-fraction", type=float, default=COLOR_REFERENCE_FRACTION,
+                        help="share of the random-order reading questions that name the word by its colour")
+    parser.add_argument("--lm-pretrain-records", type=int, default=0,
+                        help="also write lm_pretrain.json with this many text-only language-pretraining records")
     parser.add_argument("--stage0-regions", action="store_true",
                         help="add the boxes of words and shapes to stage0.json (per-token stage-0 labels)")
     args = parser.parse_args(argv)
@@ -763,7 +836,9 @@ def main(argv: list[str] | None = None) -> int:
                                        multiple_choice_fraction=args.multiple_choice_fraction,
                                        read_all_fraction=args.read_all_fraction,
                                        text_choice_fraction=args.text_choice_fraction,
-                                       stage0_regions=args.stage0_regions)
+                                       stage0_regions=args.stage0_regions,
+                                       color_reference_fraction=args.color_reference_fraction,
+                                       lm_pretrain_records=args.lm_pretrain_records)
     print(f"wrote synthetic dataset to {args.out} in {time.perf_counter() - start:.1f} s")
     for key, path in paths.items():
         print(f"  {key}: {path}")

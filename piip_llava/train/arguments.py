@@ -16,8 +16,8 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-TunePolicy = Literal["projector", "projector+interactions", "vision", "full", "projector+llm", "lora"]
-TUNE_POLICIES = ("projector", "projector+interactions", "vision", "full", "projector+llm", "lora")
+TunePolicy = Literal["projector", "projector+interactions", "vision", "full", "projector+llm", "llm", "lora"]
+TUNE_POLICIES = ("projector", "projector+interactions", "vision", "full", "projector+llm", "llm", "lora")
 DEFAULT_LORA_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 

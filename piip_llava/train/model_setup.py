@@ -9,6 +9,7 @@ Freeze policies (`--tune`):
 | `vision`                 | branches + interactions + projector (LLM frozen)        | from-scratch towers   |
 | `full`                   | everything                                              | stage 2               |
 | `projector+llm`          | projector + LLM (branches and interactions frozen)      | LLaVA-1.5 stage 2     |
+| `llm`                    | LLM only (for text-only data, e.g. language pretraining) | -                    |
 | `lora`                   | LoRA on the LLM linears + projector + interactions      | stage-2 option        |
 
 Stage 1 saves `mm_projector.safetensors` (`multi_modal_projector.*` keys; plus `mm_interactions.safetensors` when
@@ -41,6 +42,7 @@ TRAINABLE_GROUPS = {
     "vision": ("projector", "interactions", "branches"),
     "full": ("projector", "interactions", "branches", "llm"),
     "projector+llm": ("projector", "llm"),
+    "llm": ("llm",),
     "lora": ("projector", "interactions"),  # + the LoRA matrices peft adds
 }
 
@@ -74,6 +76,7 @@ def build_base_model(model_args: ModelArguments, attn_implementation: str | None
     attn = attn_implementation or pick_attn_implementation()
     if model_args.model_name_or_path:
         check_checkpoint(model_args.model_name_or_path, "piip_llava", "--model_name_or_path")  # CheckpointError
+        logger.info("model: the checkpoint %s", model_args.model_name_or_path)
         return PiipLlavaForConditionalGeneration.from_pretrained(
             model_args.model_name_or_path, dtype=torch.float32, attn_implementation=attn)
     config = load_config(model_args)

@@ -196,6 +196,44 @@ def test_text_choice_records_state_their_answer(tmp_path):
         syn.generate_synthetic_dataset(str(tmp_path / "bad"), num_train=2, num_eval=0, text_choice_fraction=-1)
 
 
+def testlm_pretrain_records_are_answerable_from_their_description(dataset, tmp_path):
+    """lm_pretrain.json (on request only): text only, every answer determined by the description in the first turn
+    (colour questions by the word right after the colour, multiple choice by the option that holds it)."""
+    assert "lm_pretrain" not in dataset and not os.path.exists(os.path.join(dataset["root"], "lm_pretrain.json"))
+    paths = syn.generate_synthetic_dataset(str(tmp_path / "ds"), num_train=2, num_eval=0, lm_pretrain_records=60)
+    records = _load(paths["lm_pretrain"])
+    assert len(records) == 60 and not any("image" in r for r in records)
+    kinds = Counter()
+    for rec in records:
+        turns = rec["conversations"]
+        assert len(turns) == 2 * syn.LM_PRETRAIN_TURNS
+        assert [t["from"] for t in turns] == ["human", "gpt"] * syn.LM_PRETRAIN_TURNS
+        description = turns[0]["value"].split("\n")[0]
+        word_after = dict(re.findall(r"letters[^:]*: (\w+) (\w+)\.", description))  # colour -> word
+        sentences = description.split(". ")
+        assert len(sentences) == 4 and description.startswith(("Large", "Small", "Shapes"))
+        for q, a in zip(turns[::2], turns[1::2]):
+            question, answer = q["value"], a["value"]
+            if question.endswith(syn.MC_ANSWER_PROMPT):
+                options = dict(re.findall(r"^([A-D])\. (.+)$", question, flags=re.M))
+                assert answer in options
+                stated = re.search(r"The answer is (.+)\.\n", question)
+                kinds["mc_stated" if stated else "mc_scene"] += 1
+                if stated:
+                    assert options[answer] == stated.group(1)
+                elif "large letters" in question or "larger letters" in question:
+                    assert re.search(rf"Large letters: \w+ {options[answer]}\.", description)
+                continue
+            colour = re.search(r"What word is written in (\w+)\?", question)
+            if colour:
+                kinds["color_word"] += 1
+                assert word_after[colour.group(1)] == answer
+    assert kinds["mc_stated"] and kinds["mc_scene"] and kinds["color_word"]
+    # the description's order varies, so no position says which word is which
+    assert len({tuple(s.split(":")[0] for s in r["conversations"][0]["value"].split("\n")[0].split(". "))
+                for r in records}) > 5
+
+
 def test_text_corpus(dataset):
     lines = syn.text_corpus([dataset["stage1"], dataset["stage2"]])
     assert len(lines) > 4 * NUM_TRAIN and any("Reference OCR token:" in l for l in lines)

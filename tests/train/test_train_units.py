@@ -66,6 +66,7 @@ def test_bad_arguments_fail_early(tmp_path, data_file, tokenizer_dir):
     ("vision", {"projector", "interactions", "branches"}),
     ("full", {"projector", "interactions", "branches", "llm"}),
     ("projector+llm", {"projector", "llm"}),
+    ("llm", {"llm"}),
 ])
 def test_tune_policies(model, tune, trainable):
     from piip_llava.train.model_setup import apply_tune_policy
