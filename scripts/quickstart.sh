@@ -4,7 +4,8 @@
 # the images' labels (standing in for pretrained backbones), then scripts/pretrain_piip_llava.sh and
 # scripts/finetune_piip_llava.sh, evaluates it with eval/textvqa.py and eval/mmbench.py, prints the results and what
 # they are made of (synthetic_breakdown), asks the Gradio demo about new images, and prints the command that opens the
-# demo. About 11 minutes on 2 quiet CPU cores, 15 with another busy process beside it (README, benchmarks/busy_machine.py).
+# demo. About 16 minutes on 2 quiet CPU cores, ~24 with another busy process beside it (README,
+# benchmarks/busy_machine.py).
 #
 #   OUT_DIR (outputs/quickstart), PRESET, NUM_TRAIN (4000), NUM_EVAL (200), STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS,
 #   BATCH, NPROC (2 on a machine with 2+ cores: stages 1-2 in one single-thread DDP process per core),
@@ -32,7 +33,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   : "${NUM_TRAIN:=200}" "${NUM_EVAL:=20}" "${STAGE0_STEPS:=4}" "${STAGE1_STEPS:=3}" "${STAGE2_STEPS:=5}" "${BATCH:=4}"
 fi
 export PRESET="${PRESET:-mini-piip2_clip-ls_64-128}"
-export STAGE0_STEPS="${STAGE0_STEPS:-1000}" STAGE1_STEPS="${STAGE1_STEPS:-100}" STAGE2_STEPS="${STAGE2_STEPS:-2400}"
+export STAGE0_STEPS="${STAGE0_STEPS:-1000}" STAGE1_STEPS="${STAGE1_STEPS:-100}" STAGE2_STEPS="${STAGE2_STEPS:-4000}"
 export BATCH="${BATCH:-16}" NPROC="${NPROC:-$(( $(getconf _NPROCESSORS_ONLN) >= 2 ? 2 : 1 ))}"
 export DATA="$OUT_DIR/data" TOKENIZER_PATH="$OUT_DIR/tokenizer" RUN_DIR="$OUT_DIR/run"
 

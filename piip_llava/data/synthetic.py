@@ -60,16 +60,18 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (250, 248, 240), (240, 245, 252), (248, 240, 246), (240, 250, 240), (252, 252, 252), (246, 242, 230),
 )
 
-#: Share of stage-2 image records that ask the three words in a fixed order (see `_read_all_turns`).
-READ_ALL_FRACTION = 0.45
+#: Share of stage-2 image records that ask the three words in a fixed order (see `_read_all_turns`): enough for the
+#: LLM to start reading by place, few enough that it also learns to find a word by its colour (docs/quickstart.md).
+READ_ALL_FRACTION = 0.3
 #: Share of stage-2 image records that are one MMBench-style multiple-choice question; more did not teach the
 #: random LLM the format and slowed its reading (docs/quickstart.md).
 MULTIPLE_CHOICE_FRACTION = 0.05
 #: Text-only multiple-choice records per training image (the hint states the answer; see `_text_choice_record`).
 TEXT_CHOICE_FRACTION = 0.0
-#: Share of the random-order reading questions that name the word by its colour ("What word is written in red?");
-#: the TextVQA split asks about 1/3 of its questions this way.
-COLOR_REFERENCE_FRACTION = 0.35
+#: Share of the random-order reading questions that name the word by its colour ("What word is written in red?"):
+#: the TextVQA split asks about 1/3 of its questions this way, and routing by colour is learnt more slowly than by
+#: place, so training asks more of them (docs/quickstart.md).
+COLOR_REFERENCE_FRACTION = 0.6
 #: Questions per text-only language-pretraining record (`lm_pretrain_record`): several lookups per description.
 LM_PRETRAIN_TURNS = 6
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
@@ -705,7 +707,7 @@ The three words are distinct, drawn in upper case with a fixed character pitch, 
   pretraining (`python -m piip_llava.train.vision_pretrain`), which stands in for pretrained backbones.
 * `stage1.json`: LLaVA caption data (one `<image>` caption request + caption per image).
 * `stage2.json`: LLaVA multi-turn data: TextVQA-style reading questions ("What word is written in large letters?",
-  "... in small letters at the top?", "... in blue?"; 45 % of the records ask the three words in a fixed order),
+  "... in small letters at the top?", "... in blue?"; {read_all:.0%} of the records ask the three words in a fixed order),
   half of the random-order ones with a `Reference OCR token:` line, with
   "{short}"; colour / shape / count questions; MMBench-style multiple choice ending in
   "{mc}"; plus text-only records (no `image`).
@@ -770,7 +772,8 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
             out=out_dir, seed=seed, num_train=num_train, num_eval=num_eval, image_size=image_size,
             num_mmbench=num_mmbench, large_lo=LARGE_FONT_RANGE[0] * s, large_hi=LARGE_FONT_RANGE[1] * s,
             small=SMALL_FONT_SIZE * s, colors=", ".join(COLORS), nvocab=len(VOCABULARY), vocab=", ".join(VOCABULARY),
-            short=SHORT_ANSWER_PROMPT, mc=MC_ANSWER_PROMPT, lm_turns=LM_PRETRAIN_TURNS))
+            short=SHORT_ANSWER_PROMPT, mc=MC_ANSWER_PROMPT, lm_turns=LM_PRETRAIN_TURNS,
+            read_all=read_all_fraction))
     return {"root": out_dir, "image_folder": out_dir, "stage0": stage0, "stage1": stage1, "stage2": stage2,
             **({"lm_pretrain": lm_pretrain[0]} if lm_pretrain else {}), "textvqa_questions": tq,
             "textvqa_annotations": ta, "textvqa_image_folder": timg, "mmbench_tsv": mmb, "readme": readme}

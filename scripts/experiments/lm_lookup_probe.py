@@ -3,8 +3,9 @@
 Trains the preset's LLM alone (a plain loop, no images, one thread) on fresh `synthetic.lm_pretrain_record`
 conversations and prints, every `--eval-every` steps, the accuracy of the first answer token on held-out one-question
 records, split by kind: colour-named word ("What word is written in red?"), multiple choice about the described scene,
-multiple choice with the answer stated in the hint, and the other short answers. The figures in docs/quickstart.md
-("Language pretraining") come from this script; it takes ~0.5 s per step on one core of the 2-core machine.
+multiple choice with the answer stated in the hint, and the other short answers. The table in docs/quickstart.md
+("Language pretraining") was measured with this loop (same model, data and evaluation; its random streams differed,
+so expect a few points of difference); ~0.5 s per step on one core of the 2-core machine.
 
     python scripts/experiments/lm_lookup_probe.py --tokenizer outputs/quickstart/tokenizer --steps 1500
 """
