@@ -196,7 +196,7 @@ def test_text_choice_records_state_their_answer(tmp_path):
         syn.generate_synthetic_dataset(str(tmp_path / "bad"), num_train=2, num_eval=0, text_choice_fraction=-1)
 
 
-def testlm_pretrain_records_are_answerable_from_their_description(dataset, tmp_path):
+def test_lm_pretrain_records_are_answerable_from_their_description(dataset, tmp_path):
     """lm_pretrain.json (on request only): text only, every answer determined by the description in the first turn
     (colour questions by the word right after the colour, multiple choice by the option that holds it)."""
     assert "lm_pretrain" not in dataset and not os.path.exists(os.path.join(dataset["root"], "lm_pretrain.json"))
