@@ -71,7 +71,6 @@ if [ "$LM_STEPS" -gt 0 ]; then
   STAGE1_FROM=(MODEL_PATH="$RUN_DIR/lm")
 fi
 
-
 STAGE1_TUNE="${STAGE1_TUNE:-projector}"
 echo "== [$PRESET] stage 1: alignment on captions, trainable: $STAGE1_TUNE (${STAGE1_STEPS:-100} steps)"
 env "${STAGE1_FROM[@]}" TUNE="$STAGE1_TUNE" DATA_PATH="$DATA/stage1.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$RUN_DIR/stage1" \

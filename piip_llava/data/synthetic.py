@@ -30,7 +30,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont
@@ -310,6 +310,10 @@ class ChoiceQuestion:
         opts = tuple(self.options[(i + r) % n] for i in range(n))
         return ChoiceQuestion(self.question, opts, (self.answer - r) % n, self.category, self.l2_category, self.hint)
 
+    def with_stated_answer(self) -> ChoiceQuestion:
+        """The same question with the hint "The answer is <correct option>." (text-only records: the lookup alone)."""
+        return replace(self, hint=f"The answer is {self.options[self.answer]}.")
+
     def prompt(self) -> str:
         """The text after `<image>\\n` in LLaVA's `model_vqa_mmbench.py` with `--single-pred-prompt`."""
         text = f"{self.hint}\n{self.question}" if self.hint else self.question
@@ -476,9 +480,7 @@ def _text_choice_record(index: int, rng: random.Random, image_size: int, layout:
     copy an LLM pretrained on text can already do; the quickstart's LLM starts random). Image records then need the
     reading on top of it.
     """
-    mc = choice_question(sample_scene(rng, image_size, layout), rng)
-    mc = ChoiceQuestion(mc.question, mc.options, mc.answer, mc.category, mc.l2_category,
-                        hint=f"The answer is {mc.options[mc.answer]}.")
+    mc = choice_question(sample_scene(rng, image_size, layout), rng).with_stated_answer()
     return {"id": f"text-choice-{index:06d}", "conversations": _conversation([(mc.prompt(), mc.answer_letter)],
                                                                              with_image=False)}
 
@@ -514,8 +516,7 @@ def lm_pretrain_record(index: int, rng: random.Random, image_size: int, layout: 
         if kind.startswith("mc"):
             mc = choice_question(scene, rng)
             if kind == "mc_stated":
-                mc = ChoiceQuestion(mc.question, mc.options, mc.answer, mc.category, mc.l2_category,
-                                    hint=f"The answer is {mc.options[mc.answer]}.")
+                mc = mc.with_stated_answer()
             out.append((mc.prompt(), mc.answer_letter))
             continue
         if kind == "attribute":
@@ -569,8 +570,7 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
                  read_all_fraction: float = READ_ALL_FRACTION,
                  text_choice_fraction: float = TEXT_CHOICE_FRACTION,
                  stage0_regions: bool = False,
-                 color_reference_fraction: float = COLOR_REFERENCE_FRACTION,
-                 lm_pretrain_records: int = 0) -> tuple[str, ...]:
+                 color_reference_fraction: float = COLOR_REFERENCE_FRACTION) -> tuple[str, str, str]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     stage0, stage1, stage2 = [], [], []
     for i in range(num_train):
@@ -600,12 +600,13 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
     paths = tuple(os.path.join(out_dir, f"stage{k}.json") for k in range(3))
     for path, records in zip(paths, (stage0, stage1, stage2)):
         _write_json(path, records)
-    if not lm_pretrain_records:
-        return paths
-    lm_path = os.path.join(out_dir, "lm_pretrain.json")
-    _write_json(lm_path, [lm_pretrain_record(j, _rng(seed, "lm", j), image_size, layout)
-                          for j in range(lm_pretrain_records)])
-    return (*paths, lm_path)
+    return paths
+
+
+def _write_lm_pretrain(out_dir: str, seed: int, num_records: int, image_size: int, layout: Layout) -> str:
+    path = os.path.join(out_dir, "lm_pretrain.json")
+    _write_json(path, [lm_pretrain_record(j, _rng(seed, "lm", j), image_size, layout) for j in range(num_records)])
+    return path
 
 
 def _write_textvqa(out_dir: str, seed: int, num_eval: int, image_size: int, layout: Layout = "fixed") -> tuple[str, str, str]:
@@ -759,10 +760,12 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
         raise ValueError(f"color_reference_fraction must be in [0, 1], got {color_reference_fraction}")
     num_mmbench = max(4, num_eval // 2) if num_mmbench is None else num_mmbench
     os.makedirs(out_dir, exist_ok=True)
-    stage0, stage1, stage2, *lm_pretrain = _write_train(out_dir, seed, num_train, image_size, layout,
-                                                        multiple_choice_fraction, read_all_fraction,
-                                                        text_choice_fraction, stage0_regions,
-                                                        color_reference_fraction, lm_pretrain_records)
+    stage0, stage1, stage2 = _write_train(out_dir, seed, num_train, image_size, layout, multiple_choice_fraction,
+                                          read_all_fraction, text_choice_fraction, stage0_regions,
+                                          color_reference_fraction)
+    lm_pretrain = {}
+    if lm_pretrain_records:
+        lm_pretrain["lm_pretrain"] = _write_lm_pretrain(out_dir, seed, lm_pretrain_records, image_size, layout)
     tq, ta, timg = _write_textvqa(out_dir, seed, num_eval, image_size, layout)
     mmb = _write_mmbench(out_dir, seed, num_mmbench, image_size, layout)
     s = image_size / _REF_SIZE
@@ -775,7 +778,7 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
             short=SHORT_ANSWER_PROMPT, mc=MC_ANSWER_PROMPT, lm_turns=LM_PRETRAIN_TURNS,
             read_all=read_all_fraction))
     return {"root": out_dir, "image_folder": out_dir, "stage0": stage0, "stage1": stage1, "stage2": stage2,
-            **({"lm_pretrain": lm_pretrain[0]} if lm_pretrain else {}), "textvqa_questions": tq,
+            **lm_pretrain, "textvqa_questions": tq,
             "textvqa_annotations": ta, "textvqa_image_folder": timg, "mmbench_tsv": mmb, "readme": readme}
 
 

@@ -19,11 +19,11 @@ from collections import defaultdict
 import torch
 from transformers import AutoTokenizer, AutoModelForCausalLM
 
+from piip_llava.constants import IGNORE_INDEX
 from piip_llava.data import synthetic
 from piip_llava.data.conversation import tokenize_conversation
+from piip_llava.data.dataset import DataCollatorForSupervisedDataset
 from piip_llava.models import load_preset
-
-IGNORE = -100
 
 
 def kind_of(question: str) -> str:
@@ -34,15 +34,13 @@ def kind_of(question: str) -> str:
     return "other"
 
 
-def collate(conversations: list[list[dict]], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    encoded = [tokenize_conversation(c, tokenizer, "vicuna_v1", has_image=False) for c in conversations]
-    length = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), length), tokenizer.pad_token_id)
-    labels = torch.full((len(encoded), length), IGNORE)
-    mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for i, (x, y) in enumerate(encoded):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, labels, mask
+def collate(conversations: list[list[dict]], tokenizer) -> dict[str, torch.Tensor]:
+    """Text-only conversations -> the training collator's padded input_ids / labels / attention_mask."""
+    samples = []
+    for conv in conversations:
+        ids, labels = tokenize_conversation(conv, tokenizer, "vicuna_v1", has_image=False)
+        samples.append({"input_ids": ids, "labels": labels})
+    return DataCollatorForSupervisedDataset(tokenizer.pad_token_id, model_max_length=4096)(samples)
 
 
 @torch.no_grad()
@@ -51,10 +49,10 @@ def first_answer_accuracy(model, tokenizer, records: list[tuple[str, list[dict]]
     right = defaultdict(list)
     for k in range(0, len(records), 32):
         chunk = records[k:k + 32]
-        ids, labels, mask = collate([c for _, c in chunk], tokenizer)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target = labels[:, 1:]
-        first = (target != IGNORE).float().argmax(1)
+        batch = collate([c for _, c in chunk], tokenizer)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        target = batch["labels"][:, 1:]
+        first = (target != IGNORE_INDEX).float().argmax(1)
         rows = torch.arange(len(chunk))
         hits = (logits.argmax(-1)[rows, first] == target[rows, first]).tolist()
         for (kind, _), hit in zip(chunk, hits):
@@ -94,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.batch):
             batch.append(synthetic.lm_pretrain_record(index, rng, 128, "fixed", args.turns)["conversations"])
             index += 1
-        ids, labels, mask = collate(batch, tokenizer)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**collate(batch, tokenizer)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
