@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..constants import IMAGE_PLACEHOLDER
 from ..models import PiipLlavaConfig, PiipLlavaForConditionalGeneration, load_preset, save_processor
 from ..models.builder import build_model
 from ..models.loading import CheckpointError, check_checkpoint, check_safetensors
@@ -61,8 +62,16 @@ def load_config(model_args: ModelArguments) -> PiipLlavaConfig:
     return load_preset(model_args.preset or model_args.config)
 
 
-def check_tokenizer_fits(num_tokens: int, config: PiipLlavaConfig, tokenizer_path: str | None) -> None:
-    """Refuse a tokenizer with more tokens than the LLM's embedding table (ids past it would index out of range)."""
+def embedded_token_count(tokenizer) -> int:
+    """Ids the LLM's embedding table must hold: every token but the image placeholder, whose positions take visual
+    features instead (a saved checkpoint's tokenizer has it at `vocab_size`, one past the table)."""
+    ids = [i for token, i in tokenizer.get_vocab().items() if token != IMAGE_PLACEHOLDER]
+    return max(ids) + 1 if ids else 0
+
+
+def check_tokenizer_fits(tokenizer, config: PiipLlavaConfig, tokenizer_path: str | None) -> None:
+    """Refuse a tokenizer with ids past the LLM's embedding table (they would index out of range)."""
+    num_tokens = embedded_token_count(tokenizer)
     if num_tokens > config.text_config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path} has {num_tokens} tokens but the LLM "
                          f"vocabulary is {config.text_config.vocab_size}")

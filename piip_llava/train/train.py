@@ -113,7 +113,7 @@ def prepare_model(model_args: ModelArguments, data_args: DataArguments, args: Pi
     with full_model_init(args):
         model = build_training_model(model_args, args)
         config = model.config
-        check_tokenizer_fits(len(tokenizer), config, model_args.tokenizer_path)
+        check_tokenizer_fits(tokenizer, config, model_args.tokenizer_path)
         align_image_token_id(config, tokenizer)
         if args.stage == 2:  # inference reads the template and the aspect mode the model was tuned with
             config.conversation_template, config.image_aspect_ratio = resolve_template_and_aspect(data_args, args, config)

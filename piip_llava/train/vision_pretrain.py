@@ -246,7 +246,7 @@ def probe_losses(features: torch.Tensor, probe: FlatTokenProbe, token_probe: Tok
 # Training
 # ----------------------------------------------------------------------------------------------------------------------
 
-def build_stage0_model(args: VisionPretrainArguments, vocab_size: int | None):
+def build_stage0_model(args: VisionPretrainArguments, tokenizer=None):
     """The PIIP-LLaVA model to pretrain (seeded), its LLM vocabulary checked against the tokenizer."""
     from piip_llava.models import PiipLlavaForConditionalGeneration
     from piip_llava.models.builder import build_model
@@ -259,8 +259,8 @@ def build_stage0_model(args: VisionPretrainArguments, vocab_size: int | None):
     else:
         config = load_preset(args.preset or args.config)  # a preset name or a config JSON path, as in training
         model = build_model(config, load_branches=True)
-    if vocab_size is not None:
-        check_tokenizer_fits(vocab_size, model.config, args.tokenizer_path)
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, model.config, args.tokenizer_path)
     return model
 
 
@@ -298,7 +298,7 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
         from piip_llava.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer_path)
-    model = build_stage0_model(args, len(tokenizer) if tokenizer is not None else None)
+    model = build_stage0_model(args, tokenizer)
     if tokenizer is not None:
         from piip_llava.models import align_image_token_id
 

@@ -105,10 +105,18 @@ def test_missing_image_names_the_record(tmp_path):
                  str(tmp_path / "o"), "--max-steps", "30", "--batch-size", "4", "--num-eval", "0", "--no-progress"])
 
 
-def test_tokenizer_larger_than_llm_vocabulary_is_refused():
+def test_tokenizer_fit_ignores_the_image_placeholder_and_refuses_extra_tokens(tokenizer_dir):
+    """A checkpoint's own tokenizer (the LLM's 512 ids + `<image>` at 512) continues training; one more token fails."""
+    from piip_llava.data.tokenizer import load_tokenizer
+    from piip_llava.models.processing_piip_llava import add_image_token
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    assert add_image_token(tokenizer) == 512 and len(tokenizer) == 513
     args = vp.VisionPretrainArguments("d", "i", "o", preset=PRESET, tokenizer_path="tok")
-    with pytest.raises(ValueError, match=r"tokenizer tok has 1000000 tokens but the LLM vocabulary is 512"):
-        vp.build_stage0_model(args, 10**6)
+    assert vp.build_stage0_model(args, tokenizer).config.text_config.vocab_size == 512
+    tokenizer.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match=r"tokenizer tok has 514 tokens but the LLM vocabulary is 512"):
+        vp.build_stage0_model(args, tokenizer)
 
 
 def test_token_targets_take_the_region_covering_most_of_each_cell():
