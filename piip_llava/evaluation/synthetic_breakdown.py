@@ -6,7 +6,9 @@ One overall TextVQA or MMBench number hides what a tiny model has learned: the s
 word by its place (large / small at the top / small at the bottom) or by its colour, and the MMBench questions ask about
 words, colours, counts, shapes and positions. This reads the answers and summaries that ``eval/textvqa.py`` and
 ``eval/mmbench.py`` wrote into ``RUN/eval`` and writes ``synthetic_breakdown.json`` there: TextVQA accuracy per way of
-referring to the word, MMBench circular and vanilla accuracy per category.
+referring to the word, MMBench circular and vanilla accuracy per category, and next to the overall MMBench scores what
+guessing would get and the answer the model gives most often (a model that always answers "A" scores 0 % circular,
+below guessing: the number alone would not say whether it picks options at random or not at all).
 """
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ import argparse
 import json
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from piip_llava.data.synthetic import COLORS
+from piip_llava.data.synthetic import COLORS, MMBENCH_COPY_OFFSET
 from piip_llava.evaluation.answer_processing import EvalAIAnswerProcessor
 from piip_llava.evaluation.io import read_answers
 from piip_llava.evaluation.tasks.textvqa import (
@@ -76,6 +78,26 @@ def _order(kind: str) -> int:
     return TEXTVQA_KINDS.index(kind) if kind in TEXTVQA_KINDS else len(TEXTVQA_KINDS)
 
 
+def mmbench_overall(summary: dict, answers_file: str | os.PathLike) -> dict:
+    """Overall circular / vanilla accuracy with their chance levels and the most frequent extracted choice.
+
+    Chance: a uniform guess per row is right with 1/n (n options); circular needs all n rotations of a question
+    right, (1/n)^n. The rotated copies of a synthetic question have ids `index + k * MMBENCH_COPY_OFFSET`.
+    """
+    options_per_row = [len(rec["options"]) for rec in read_answers(answers_file)]
+    main_rows = [len(rec["options"]) for rec in read_answers(answers_file)
+                 if int(rec["question_id"]) < MMBENCH_COPY_OFFSET]
+    choices = Counter(summary.get("choices", {}).values())
+    letter, count = choices.most_common(1)[0] if choices else ("-", 0)
+    return {
+        "circular": summary["circular"], "vanilla": summary["vanilla"],
+        "chance_circular": round(100.0 * sum(n ** -n for n in main_rows) / max(1, len(main_rows)), 2),
+        "chance_vanilla": round(100.0 * sum(1 / n for n in options_per_row) / max(1, len(options_per_row)), 2),
+        "most_common_choice": letter,
+        "most_common_choice_share": round(100.0 * count / max(1, sum(choices.values())), 1),
+    }
+
+
 def breakdown(eval_dir: str | os.PathLike, annotation_file: str | os.PathLike) -> dict:
     """Read ``textvqa_answers.jsonl`` and ``mmbench_summary.json`` of `eval_dir` -> the breakdown dict."""
     eval_dir = Path(eval_dir)
@@ -88,6 +110,8 @@ def breakdown(eval_dir: str | os.PathLike, annotation_file: str | os.PathLike) -
         summary = json.loads(mmbench.read_text(encoding="utf-8"))
         out["mmbench"] = {k: {"circular": v["circular"], "vanilla": v["vanilla"], "questions": v["questions"]}
                           for k, v in summary.get("per_category", {}).items()}
+        if (eval_dir / "mmbench_answers.jsonl").is_file() and "circular" in summary:
+            out["mmbench_overall"] = mmbench_overall(summary, eval_dir / "mmbench_answers.jsonl")
     if not out:
         raise FileNotFoundError(f"{eval_dir}: neither textvqa_answers.jsonl nor mmbench_summary.json is there")
     return out
@@ -102,6 +126,11 @@ def format_breakdown(result: dict) -> str:
         cells = ", ".join(f"{k} {_fmt(v['circular'])}/{_fmt(v['vanilla'])} ({v['questions']})"
                           for k, v in result["mmbench"].items())
         lines.append(f"synthetic MMBench per category, circular/vanilla %: {cells}")
+    if "mmbench_overall" in result:
+        o = result["mmbench_overall"]
+        lines.append(f"synthetic MMBench: circular {o['circular']:.1f} % (guessing: {o['chance_circular']:.1f} %), "
+                     f"vanilla {o['vanilla']:.1f} % (guessing: {o['chance_vanilla']:.1f} %); most frequent answer "
+                     f"{o['most_common_choice']} ({o['most_common_choice_share']:.0f} % of rows)")
     return "\n".join(lines)
 
 

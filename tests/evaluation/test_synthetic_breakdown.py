@@ -45,3 +45,25 @@ def test_breakdown_of_a_generated_eval_set(tmp_path, capsys):
 def test_missing_eval_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="textvqa_answers.jsonl"):
         main([str(tmp_path), "--annotation-file", str(tmp_path / "ann.json")])
+
+
+def test_mmbench_scores_come_with_guessing_levels_and_the_most_frequent_answer(tmp_path, capsys):
+    """2-option question (2 rows) + 4-option question (4 rows): guessing gets (2 x 1/2 + 4 x 1/4) / 6 = 33.3 % of
+    rows and (1/2^2 + 1/4^4) / 2 = 12.7 % of questions circularly."""
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    rows = [(0, ["top", "bottom"]), (syn.MMBENCH_COPY_OFFSET, ["bottom", "top"])]
+    rows += [(1 + k * syn.MMBENCH_COPY_OFFSET, ["red", "blue", "green", "black"]) for k in range(4)]
+    with open(eval_dir / "mmbench_answers.jsonl", "w") as f:
+        for qid, options in rows:
+            f.write(json.dumps({"question_id": qid, "prompt": "q", "text": "A", "options": options}) + "\n")
+    choices = {str(qid): "A" for qid, _ in rows}
+    choices[str(syn.MMBENCH_COPY_OFFSET)] = "B"
+    (eval_dir / "mmbench_summary.json").write_text(json.dumps({
+        "benchmark": "mmbench", "circular": 0.0, "vanilla": 33.33, "choices": choices, "per_category": {}}))
+    assert main([str(eval_dir), "--annotation-file", str(tmp_path / "unused.json")]) == 0
+    overall = json.loads((eval_dir / OUTPUT_FILE).read_text())["mmbench_overall"]
+    assert overall == {"circular": 0.0, "vanilla": 33.33, "chance_circular": 12.7, "chance_vanilla": 33.33,
+                       "most_common_choice": "A", "most_common_choice_share": 83.3}
+    assert ("circular 0.0 % (guessing: 12.7 %), vanilla 33.3 % (guessing: 33.3 %); most frequent answer A (83 % of rows)"
+            in capsys.readouterr().out)
