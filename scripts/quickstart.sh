@@ -4,7 +4,7 @@
 # the images' labels (standing in for pretrained backbones), then scripts/pretrain_piip_llava.sh and
 # scripts/finetune_piip_llava.sh, evaluates it with eval/textvqa.py and eval/mmbench.py, prints the results and what
 # they are made of (synthetic_breakdown), asks the Gradio demo about new images, and prints the command that opens the
-# demo. About 16 minutes on 2 quiet CPU cores, ~24 with another busy process beside it (README,
+# demo. About 16-18 minutes on 2 quiet CPU cores, ~24-27 with another busy process beside it (README,
 # benchmarks/busy_machine.py).
 #
 #   OUT_DIR (outputs/quickstart), PRESET, NUM_TRAIN (4000), NUM_EVAL (200), STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS,
@@ -43,7 +43,10 @@ if [ "${LM_STEPS:-0}" -gt 0 ]; then  # language pretraining (off by default: doc
   SYNTH_ARGS="${SYNTH_ARGS:-} --lm-pretrain-records ${NUM_TRAIN:-4000}"
   CORPUS+=("$DATA/lm_pretrain.json")
 fi
-"$PYTHON" -m piip_llava.data.synthetic --out "$DATA" --num-train "${NUM_TRAIN:-4000}" --num-eval "${NUM_EVAL:-200}" ${SYNTH_ARGS:-}
+# --stage0-regions: stage 0 also classifies the colour and object under each visual token, a colour code shared by
+# all token positions that "what word is written in red?" can route by (docs/quickstart.md)
+"$PYTHON" -m piip_llava.data.synthetic --out "$DATA" --num-train "${NUM_TRAIN:-4000}" --num-eval "${NUM_EVAL:-200}" \
+  --stage0-regions ${SYNTH_ARGS:-}
 echo "== 2/5 tokenizer trained on the dataset's text -> $TOKENIZER_PATH"
 "$PYTHON" -m piip_llava.data.tokenizer --out "$TOKENIZER_PATH" --vocab-size 2048 --from-llava "${CORPUS[@]}"
 echo "== 3/5 + 4/5 training and evaluation"
