@@ -84,9 +84,9 @@ def mmbench_overall(summary: dict, answers_file: str | os.PathLike) -> dict:
     Chance: a uniform guess per row is right with 1/n (n options); circular needs all n rotations of a question
     right, (1/n)^n. The rotated copies of a synthetic question have ids `index + k * MMBENCH_COPY_OFFSET`.
     """
-    options_per_row = [len(rec["options"]) for rec in read_answers(answers_file)]
-    main_rows = [len(rec["options"]) for rec in read_answers(answers_file)
-                 if int(rec["question_id"]) < MMBENCH_COPY_OFFSET]
+    rows = [(int(rec["question_id"]), len(rec["options"])) for rec in read_answers(answers_file)]
+    options_per_row = [n for _, n in rows]
+    main_rows = [n for qid, n in rows if qid < MMBENCH_COPY_OFFSET]
     choices = Counter(summary.get("choices", {}).values())
     letter, count = choices.most_common(1)[0] if choices else ("-", 0)
     return {
