@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _openai_rates(engine, questions, gen_kwargs, concurrencies, tmp, reference):
     """(concurrency, questions/s, answers equal ``reference``) against our API server on a free local port."""
-    import socket
     import threading
 
     import uvicorn
@@ -106,10 +105,9 @@ def _openai_rates(engine, questions, gen_kwargs, concurrencies, tmp, reference):
     from piip_llava.evaluation.backends import OpenAIEngine
     from piip_llava.evaluation.runner import read_answers, run_generation
     from piip_llava.serve.api import create_app
+    from piip_llava.testing import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,12 +42,6 @@ def write_data(root: str, records: int) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def summarize(output_dir: str, warmup: int) -> tuple[float, float, int]:
     with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as f:
         logs = [h for h in json.load(f)["log_history"] if "samples_per_second" in h]
@@ -75,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from piip_llava.data.tokenizer import train_sentencepiece_tokenizer
+    from piip_llava.testing import free_port
 
     work = args.workdir or tempfile.mkdtemp(prefix="piip_train_bench_")
     records = args.steps * args.batch * max(args.nproc, 1)

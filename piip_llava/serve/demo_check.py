@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     from gradio_client import Client, handle_file
 
     from ..data.synthetic import render_question_image
+    from ..testing import free_port
     from .gradio_demo import build_demo
     from .inference import InferenceEngine
 
     engine = InferenceEngine.load(args.model)
     size = engine.config.vision_config.image_size
     demo = build_demo(engine)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     right = 0
     try:

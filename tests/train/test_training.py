@@ -4,7 +4,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from piip_llava.testing import free_port
 
 PRESET = "tiny-piip2_clip_64-128"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,12 +47,6 @@ def write_records(root):
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava_data")
     return {"root": str(root), **write_records(str(root))}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_script(script, **env_vars):
