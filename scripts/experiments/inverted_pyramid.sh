@@ -32,8 +32,8 @@ export BATCH="${BATCH:-16}"
 export DATA="$OUT_DIR/data" TOKENIZER_PATH="$OUT_DIR/tokenizer"
 
 # The stage-2 mix of this comparison: 45 % fixed-order reading records and 35 % colour-named questions, with which
-# reading forms within its 1,200 steps; the quickstart's mix (30 % / 60 %, for colour routing over 4,000 steps) left
-# every run near (a)'s level at 1,200 steps (docs/inverted_pyramid/with_quickstart_mix.md).
+# reading forms within its 1,200 steps; with the quickstart's mix (30 % / 60 %, for colour routing over 4,000 steps)
+# (d) stayed at (a)'s level and (b)/(c) spread 10-30 points between seeds (docs/inverted_pyramid/with_quickstart_mix.md).
 if [ ! -f "$DATA/stage2.json" ]; then
   "$PYTHON" -m piip_llava.data.synthetic --out "$DATA" --num-train "${NUM_TRAIN:-4000}" --num-eval "${NUM_EVAL:-200}" \
     --read-all-fraction 0.45 --color-reference-fraction 0.35
