@@ -16,6 +16,7 @@ import torch
 
 from .data.tokenizer import load_tokenizer, train_sentencepiece_tokenizer
 from .models import PiipLlavaForConditionalGeneration, align_image_token_id, load_preset, save_processor
+from .train.model_setup import check_tokenizer_fits
 
 
 def build_tiny_checkpoint(out_dir: str, preset: str = "tiny-piip2_clip_64-128", seed: int = 0,
@@ -29,8 +30,7 @@ def build_tiny_checkpoint(out_dir: str, preset: str = "tiny-piip2_clip_64-128", 
         tokenizer_dir = train_sentencepiece_tokenizer(os.path.join(out_dir, "_tokenizer"), vocab_size=512)
     tokenizer = load_tokenizer(tokenizer_dir)
     config = load_preset(preset)
-    if len(tokenizer) > config.text_config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the preset's vocab {config.text_config.vocab_size}")
+    check_tokenizer_fits(tokenizer, config, tokenizer_dir)
     align_image_token_id(config, tokenizer)
     torch.manual_seed(seed)
     model = PiipLlavaForConditionalGeneration(config)
