@@ -323,19 +323,31 @@ class PiipLlavaForConditionalGeneration(PiipLlavaPreTrainedModel, GenerationMixi
     ) -> CausalLMOutputWithPast:
         """input_ids (B, L) with `image_token_id` at visual-token positions; pixel_values (N, 3, R, R) for the N
         images of the batch in order of appearance; labels (B, L) with -100 where not supervised. Extra kwargs
-        (cache, `num_items_in_batch`, attention options) go to the language model and the loss."""
+        (cache, `num_items_in_batch`, attention options) go to the language model and the loss.
+
+        In training mode with labels (and no `logits_to_keep`) the LM head runs only at the positions whose next token
+        is supervised, and `logits` is (M, vocab) for those M positions in order: instruction data supervises the
+        answers only, and the head over the whole vocabulary at every position is a third of a small model's step
+        (docs/quickstart.md, "Speed"). The loss is the same; in eval mode `logits` is (B, L, vocab) as usual."""
         kwargs.pop("return_dict", None)
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
         )
         hidden = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        vocab_size = self.config.text_config.vocab_size
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      **kwargs)
+        if labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+            supervised = shift_labels != -100
+            logits = self.lm_head(hidden[supervised])
+            loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels[supervised],
+                                      vocab_size=vocab_size, **kwargs)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         # cache / past_key_values (the name depends on the transformers version), hidden states, attentions
         rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
         return CausalLMOutputWithPast(loss=loss, logits=logits, **rest)

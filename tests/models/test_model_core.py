@@ -360,3 +360,38 @@ def test_hooks_param_groups_and_no_weight_decay():
     model.vision_tower.set_grad_checkpointing(False)
     model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=ids.masked_fill(ids >= 512, -100)).loss.backward()
     torch.testing.assert_close(g1, model.multi_modal_projector.branches[0].linear_1.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_training_loss_reads_the_lm_head_at_supervised_positions_only(num_items):
+    """Training mode with labels: logits only where the next token is supervised, with the loss and the gradients of
+    the full-vocabulary head at every position (mean per token, or a sum over `num_items_in_batch`)."""
+    model = _seeded_model("tiny-piip2_clip_64-128", gate_std=0.1).train()
+    ids, mask, px = _image_batch(model, 3, 2, suffix=6)
+    labels = ids.clone()
+    labels[:, :-4] = -100  # the last 4 tokens of each row are "the answer"
+    labels[2, -2:] = -100
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+
+    torch.manual_seed(1)  # the same drop-path draws in both passes
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels, **extra)
+    out.loss.backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(1)
+    hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=px).last_hidden_state
+    full_logits = model.lm_head(hidden)
+    ref = model.loss_function(logits=full_logits, labels=labels, vocab_size=model.config.text_config.vocab_size,
+                              **extra)
+    ref.backward()
+
+    supervised = F.pad(labels, (0, 1), value=-100)[:, 1:] != -100
+    vocab = model.config.text_config.vocab_size
+    assert out.logits.shape == (int(supervised.sum()), vocab) == (4 + 4 + 2, vocab)
+    torch.testing.assert_close(out.logits, full_logits[supervised])
+    torch.testing.assert_close(out.loss, ref)
+    assert fast.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in fast.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, msg=name)
+    model.eval()
+    assert model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).logits.shape == (*ids.shape, vocab)
