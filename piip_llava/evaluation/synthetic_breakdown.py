@@ -8,7 +8,8 @@ words, colours, counts, shapes and positions. This reads the answers and summari
 ``eval/mmbench.py`` wrote into ``RUN/eval`` and writes ``synthetic_breakdown.json`` there: TextVQA accuracy per way of
 referring to the word, MMBench circular and vanilla accuracy per category, and next to the overall MMBench scores what
 guessing would get and the answer the model gives most often (a model that always answers "A" scores 0 % circular,
-below guessing: the number alone would not say whether it picks options at random or not at all).
+below guessing: the number alone would not say whether it picks options at random or not at all), and how the answers
+name their choice: by letter, or by the option's text, which MMBench's rule-based extraction also scores.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from piip_llava.data.synthetic import COLORS, MMBENCH_COPY_OFFSET
 from piip_llava.evaluation.answer_processing import EvalAIAnswerProcessor
 from piip_llava.evaluation.io import read_answers
+from piip_llava.evaluation.tasks.mmbench import OPTION_LETTERS, can_infer_option, can_infer_text
 from piip_llava.evaluation.tasks.textvqa import (
     load_textvqa_annotations,
     prompt_processor,
@@ -84,8 +86,10 @@ def mmbench_overall(summary: dict, answers_file: str | os.PathLike) -> dict:
     Chance: a uniform guess per row is right with 1/n (n options); circular needs all n rotations of a question
     right, (1/n)^n. The rotated copies of a synthetic question have ids `index + k * MMBENCH_COPY_OFFSET`.
     """
-    rows = [(int(rec["question_id"]), len(rec["options"])) for rec in read_answers(answers_file)]
+    records = list(read_answers(answers_file))
+    rows = [(int(rec["question_id"]), len(rec["options"])) for rec in records]
     options_per_row = [n for _, n in rows]
+    forms = Counter(answer_form(str(rec.get("text", "")), rec["options"]) for rec in records)
     main_rows = [n for qid, n in rows if qid < MMBENCH_COPY_OFFSET]
     choices = Counter(summary.get("choices", {}).values())
     letter, count = choices.most_common(1)[0] if choices else ("-", 0)
@@ -95,7 +99,21 @@ def mmbench_overall(summary: dict, answers_file: str | os.PathLike) -> dict:
         "chance_vanilla": round(100.0 * sum(1 / n for n in options_per_row) / max(1, len(options_per_row)), 2),
         "most_common_choice": letter,
         "most_common_choice_share": round(100.0 * count / max(1, sum(choices.values())), 1),
+        "answer_form": {form: round(100.0 * forms[form] / max(1, len(records)), 1) for form in ANSWER_FORMS},
     }
+
+
+#: How an MMBench answer names its choice, in the order VLMEvalKit's `can_infer` tries them (spec 4.5).
+ANSWER_FORMS = ("letter", "option_text", "unextractable")
+
+
+def answer_form(text: str, options: Sequence[str]) -> str:
+    """``letter`` when the rule-based extraction finds a letter (or a refusal), ``option_text`` when it finds the text
+    of exactly one option instead, else ``unextractable``: a model can score by answering with the option's text."""
+    choices = dict(zip(OPTION_LETTERS, options))
+    if can_infer_option(text, choices):
+        return "letter"
+    return "option_text" if can_infer_text(text, choices) else "unextractable"
 
 
 def breakdown(eval_dir: str | os.PathLike, annotation_file: str | os.PathLike) -> dict:
@@ -131,6 +149,10 @@ def format_breakdown(result: dict) -> str:
         lines.append(f"synthetic MMBench: circular {o['circular']:.1f} % (guessing: {o['chance_circular']:.1f} %), "
                      f"vanilla {o['vanilla']:.1f} % (guessing: {o['chance_vanilla']:.1f} %); most frequent answer "
                      f"{o['most_common_choice']} ({o['most_common_choice_share']:.0f} % of rows)")
+        if "answer_form" in o:
+            f = o["answer_form"]
+            lines.append(f"synthetic MMBench answers name their choice by letter in {f['letter']:.0f} % of rows, by the "
+                         f"option's text in {f['option_text']:.0f} %, not at all in {f['unextractable']:.0f} %")
     return "\n".join(lines)
 
 

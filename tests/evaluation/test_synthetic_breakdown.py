@@ -4,7 +4,13 @@ import json
 import pytest
 
 from piip_llava.data import synthetic as syn
-from piip_llava.evaluation.synthetic_breakdown import OUTPUT_FILE, main, question_kind, textvqa_by_kind
+from piip_llava.evaluation.synthetic_breakdown import (
+    OUTPUT_FILE,
+    answer_form,
+    main,
+    question_kind,
+    textvqa_by_kind,
+)
 
 
 def test_question_kind_covers_every_generated_reading_question():
@@ -64,6 +70,15 @@ def test_mmbench_scores_come_with_guessing_levels_and_the_most_frequent_answer(t
     assert main([str(eval_dir), "--annotation-file", str(tmp_path / "unused.json")]) == 0
     overall = json.loads((eval_dir / OUTPUT_FILE).read_text())["mmbench_overall"]
     assert overall == {"circular": 0.0, "vanilla": 33.33, "chance_circular": 12.7, "chance_vanilla": 33.33,
-                       "most_common_choice": "A", "most_common_choice_share": 83.3}
+                       "most_common_choice": "A", "most_common_choice_share": 83.3,
+                       "answer_form": {"letter": 100.0, "option_text": 0.0, "unextractable": 0.0}}
     assert ("circular 0.0 % (guessing: 12.7 %), vanilla 33.3 % (guessing: 33.3 %); most frequent answer A (83 % of rows)"
             in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("text, form", [
+    ("B", "letter"), ("B. blue", "letter"), ("blue", "option_text"), ("The blue one.", "option_text"),
+    ("purple", "unextractable"), ("red or blue", "unextractable"),
+])
+def test_answer_form_follows_the_rule_based_extraction(text, form):
+    assert answer_form(text, ["red", "blue", "green", "black"]) == form
