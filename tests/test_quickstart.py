@@ -24,7 +24,11 @@ def test_quickstart_runs_end_to_end(tmp_path):
     for step in ("== 1/5", "== 2/5", "stage 0: vision pretraining", "stage 1: alignment on captions", "stage 2: instruction tuning", "== 5/5 results"):
         assert step in log
     # the data, the tokenizer, both stages and the evaluation files exist and have the right content
-    assert len(json.loads((out / "data" / "stage2.json").read_text())) > 120
+    stage2 = json.loads((out / "data" / "stage2.json").read_text())
+    assert len(stage2) > 120
+    assert sum(r["id"].startswith("caption-") for r in stage2) == 30  # one caption record per 4 images
+    assert any(r["conversations"][0]["value"].endswith("Answer with the option's text from the given choices directly.")
+               for r in stage2)  # multiple choice answered with the option's text
     stage0 = json.loads((out / "run" / "stage0" / "vision_pretrain_metrics.json").read_text())
     assert stage0["num_train"] + stage0["num_eval"] == 120
     assert set(stage0["final_eval_accuracy"]) >= {"top_word", "tokens:color"}  # --stage0-regions: per-token labels
@@ -44,6 +48,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "| textvqa |" in log and "| mmbench |" in log
     assert "synthetic TextVQA by the way the word is named: " in log  # the per-skill split of the scores
     assert "synthetic MMBench per category" in log
+    assert "synthetic MMBench answers name their choice by letter in " in log
     breakdown = json.loads((out / "run" / "eval" / "synthetic_breakdown.json").read_text())
     assert breakdown["textvqa"]["all"]["questions"] == 12 and set(breakdown["mmbench"]) >= {"ocr"}
     if os.cpu_count() >= 2:  # stages 1 and 2 in one single-thread DDP process per core

@@ -63,19 +63,27 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
 #: Share of stage-2 image records that ask the three words in a fixed order (see `_read_all_turns`): enough for the
 #: LLM to start reading by place, few enough that it also learns to find a word by its colour (docs/quickstart.md).
 READ_ALL_FRACTION = 0.3
-#: Share of stage-2 image records that are one MMBench-style multiple-choice question; more did not teach the
-#: random LLM the format and slowed its reading (docs/quickstart.md).
-MULTIPLE_CHOICE_FRACTION = 0.05
+#: Share of stage-2 image records that are one MMBench-style multiple-choice question (docs/quickstart.md).
+MULTIPLE_CHOICE_FRACTION = 0.15
+#: How training multiple-choice records are answered: "text" (the option's text, asked for by
+#: `MC_TEXT_ANSWER_PROMPT`) or "letter" (`MC_ANSWER_PROMPT`, LLaVA's format). The quickstart's LLM starts random and
+#: does not learn to point at a letter within its budget; the option's text is what MMBench's rule-based extraction
+#: (VLMEvalKit `can_infer`, spec 4.5) maps back to the letter (docs/quickstart.md).
+MULTIPLE_CHOICE_ANSWER = "text"
 #: Text-only multiple-choice records per training image (the hint states the answer; see `_text_choice_record`).
 TEXT_CHOICE_FRACTION = 0.0
 #: Share of the random-order reading questions that name the word by its colour ("What word is written in red?"):
 #: the TextVQA split asks about 1/3 of its questions this way, and routing by colour is learnt more slowly than by
 #: place, so training asks more of them (docs/quickstart.md).
 COLOR_REFERENCE_FRACTION = 0.6
+#: Stage-2 caption records per training image, the words described in random order, each right after its colour
+#: (`caption`): every word of a caption is supervised (docs/quickstart.md).
+CAPTION_FRACTION = 0.25
 #: Questions per text-only language-pretraining record (`lm_pretrain_record`): several lookups per description.
 LM_PRETRAIN_TURNS = 6
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MC_ANSWER_PROMPT = "Answer with the option's letter from the given choices directly."
+MC_TEXT_ANSWER_PROMPT = "Answer with the option's text from the given choices directly."
 OCR_PREFIX = "Reference OCR token: "
 CAPTION_PROMPTS: tuple[str, ...] = (
     "Describe the image briefly.",
@@ -100,6 +108,7 @@ _PITCH = 0.78  # fixed character advance as a fraction of the font size (monospa
 
 WordRole = Literal["large", "top", "bottom"]
 QuestionType = Literal["large_word", "small_word", "color", "shape", "count"]
+ChoiceAnswer = Literal["letter", "text"]
 Layout = Literal["fixed", "random"]
 
 
@@ -284,13 +293,24 @@ def attribute_question(scene: Scene, kind: Literal["large_color", "shape", "coun
     return "What color are the shapes?", scene.shape_color
 
 
-def caption(scene: Scene) -> str:
-    """A one-sentence caption listing every word (with size, colour, position) and the shapes."""
+def caption(scene: Scene, rng: random.Random | None = None) -> str:
+    """A one-sentence caption listing every word (with size, colour, position) and the shapes.
+
+    With `rng` (stage-2 caption records) the words come in random order, each right after its colour ("The image
+    shows red jet in large letters, green cat in small letters at the top, ..."): predicting a word is then one
+    lookup from the colour token before it to the visual tokens of that colour, the step that "what word is written
+    in red?" needs (docs/quickstart.md).
+    """
     large, top, bottom = scene.word("large"), scene.word("top"), scene.word("bottom")
     n = scene.count
-    return (f"The word {large.word} in large {large.color} letters, the small {top.color} word {top.word} at the top, "
-            f"the small {bottom.color} word {bottom.word} at the bottom, and {NUMBER_WORDS[n]} {scene.shape_color} "
-            f"{_plural(scene.shape, n)}.")
+    shapes = f"{NUMBER_WORDS[n]} {scene.shape_color} {_plural(scene.shape, n)}"
+    if rng is None:
+        return (f"The word {large.word} in large {large.color} letters, the small {top.color} word {top.word} at the "
+                f"top, the small {bottom.color} word {bottom.word} at the bottom, and {shapes}.")
+    clauses = [f"{large.color} {large.word} in large letters", f"{top.color} {top.word} in small letters at the top",
+               f"{bottom.color} {bottom.word} in small letters at the bottom"]
+    rng.shuffle(clauses)
+    return f"The image shows {', '.join(clauses)}, and {shapes}."
 
 
 @dataclass(frozen=True)
@@ -314,16 +334,23 @@ class ChoiceQuestion:
         """The same question with the hint "The answer is <correct option>." (text-only records: the lookup alone)."""
         return replace(self, hint=f"The answer is {self.options[self.answer]}.")
 
-    def prompt(self) -> str:
-        """The text after `<image>\\n` in LLaVA's `model_vqa_mmbench.py` with `--single-pred-prompt`."""
+    def prompt(self, answer: ChoiceAnswer = "letter") -> str:
+        """The text after `<image>\\n` in LLaVA's `model_vqa_mmbench.py` with `--single-pred-prompt`; with
+        `answer="text"` the instruction asks for the option's text instead of its letter."""
         text = f"{self.hint}\n{self.question}" if self.hint else self.question
         for letter, opt in zip(MC_LETTERS, self.options):
             text += f"\n{letter}. {opt}"
-        return f"{text}\n{MC_ANSWER_PROMPT}"
+        return f"{text}\n{MC_TEXT_ANSWER_PROMPT if answer == 'text' else MC_ANSWER_PROMPT}"
 
     @property
     def answer_letter(self) -> str:
         return MC_LETTERS[self.answer]
+
+    def turn(self, answer: ChoiceAnswer = "letter") -> tuple[str, str]:
+        """(prompt, answer) of a training record: the letter or the option's text, as the instruction asks."""
+        if answer not in ("letter", "text"):
+            raise ValueError(f"multiple-choice answer must be 'letter' or 'text', got {answer!r}")
+        return self.prompt(answer), self.answer_letter if answer == "letter" else self.options[self.answer]
 
 
 _INSTANCE = "finegrained_perception (instance-level)"
@@ -570,7 +597,9 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
                  read_all_fraction: float = READ_ALL_FRACTION,
                  text_choice_fraction: float = TEXT_CHOICE_FRACTION,
                  stage0_regions: bool = False,
-                 color_reference_fraction: float = COLOR_REFERENCE_FRACTION) -> tuple[str, str, str]:
+                 color_reference_fraction: float = COLOR_REFERENCE_FRACTION,
+                 multiple_choice_answer: ChoiceAnswer = MULTIPLE_CHOICE_ANSWER,
+                 caption_fraction: float = CAPTION_FRACTION) -> tuple[str, str, str]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     stage0, stage1, stage2 = [], [], []
     for i in range(num_train):
@@ -586,8 +615,7 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
             [(rng.choice(CAPTION_PROMPTS), caption(scene))], with_image=True)})
         kind = rng.random()
         if kind < multiple_choice_fraction:
-            mc = choice_question(scene, rng)
-            turns = [(mc.prompt(), mc.answer_letter)]
+            turns = [choice_question(scene, rng).turn(multiple_choice_answer)]
         elif kind < multiple_choice_fraction + read_all_fraction:
             turns = _read_all_turns(scene)
         else:
@@ -595,6 +623,11 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
         stage2.append({"id": sid, "image": rel, "conversations": _conversation(turns, with_image=True)})
     for j in range(max(1, num_train // 20) if num_train else 0):
         stage2.append(_text_only_record(j, _rng(seed, "text", j)))
+    for j in range(round(num_train * caption_fraction)):  # images 0.. again, described in a random word order
+        rng = _rng(seed, "caption", j)
+        scene = sample_scene(_rng(seed, "train", j), image_size, layout)
+        stage2.append({"id": f"caption-{j:06d}", "image": f"images/{j:06d}.png", "conversations": _conversation(
+            [(rng.choice(CAPTION_PROMPTS), caption(scene, rng))], with_image=True)})
     for j in range(round(num_train * text_choice_fraction)):
         stage2.append(_text_choice_record(j, _rng(seed, "text-choice", j), image_size, layout))
     paths = tuple(os.path.join(out_dir, f"stage{k}.json") for k in range(3))
@@ -710,8 +743,9 @@ The three words are distinct, drawn in upper case with a fixed character pitch, 
 * `stage2.json`: LLaVA multi-turn data: TextVQA-style reading questions ("What word is written in large letters?",
   "... in small letters at the top?", "... in blue?"; {read_all:.0%} of the records ask the three words in a fixed order),
   half of the random-order ones with a `Reference OCR token:` line, with
-  "{short}"; colour / shape / count questions; MMBench-style multiple choice ending in
-  "{mc}"; plus text-only records (no `image`).
+  "{short}"; colour / shape / count questions; MMBench-style multiple choice ({mc_fraction:.0%} of the records) ending
+  in "{mc}"; {captions} caption records (`caption-NNNNNN`: the words in random order, each
+  right after its colour); plus text-only records (no `image`).
 * `lm_pretrain.json` (with `--lm-pretrain-records N`): N text-only LLaVA conversations for language pretraining
   (`LM_STEPS` of scripts/train_eval_synthetic.sh; the tiny LLM starts random): a scene described in words
   (sentences in random order), then {lm_turns} questions about it: multiple choice (about the scene, or with the answer
@@ -737,7 +771,9 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
                                text_choice_fraction: float = TEXT_CHOICE_FRACTION,
                                stage0_regions: bool = False,
                                color_reference_fraction: float = COLOR_REFERENCE_FRACTION,
-                               lm_pretrain_records: int = 0) -> dict[str, str]:
+                               lm_pretrain_records: int = 0,
+                               multiple_choice_answer: ChoiceAnswer = MULTIPLE_CHOICE_ANSWER,
+                               caption_fraction: float = CAPTION_FRACTION) -> dict[str, str]:
     """Write the whole synthetic dataset under `out_dir` and return its paths.
 
     Returns a dict with keys `root`, `image_folder`, `stage0`, `stage1`, `stage2`, `lm_pretrain` (only with
@@ -754,6 +790,10 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
                          f"{multiple_choice_fraction} and {read_all_fraction}")
     if text_choice_fraction < 0:
         raise ValueError(f"text_choice_fraction must be >= 0, got {text_choice_fraction}")
+    if multiple_choice_answer not in ("letter", "text"):
+        raise ValueError(f"multiple_choice_answer must be 'letter' or 'text', got {multiple_choice_answer!r}")
+    if caption_fraction < 0:
+        raise ValueError(f"caption_fraction must be >= 0, got {caption_fraction}")
     if lm_pretrain_records < 0:
         raise ValueError(f"lm_pretrain_records must be >= 0, got {lm_pretrain_records}")
     if not 0 <= color_reference_fraction <= 1:
@@ -762,7 +802,7 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
     os.makedirs(out_dir, exist_ok=True)
     stage0, stage1, stage2 = _write_train(out_dir, seed, num_train, image_size, layout, multiple_choice_fraction,
                                           read_all_fraction, text_choice_fraction, stage0_regions,
-                                          color_reference_fraction)
+                                          color_reference_fraction, multiple_choice_answer, caption_fraction)
     lm_pretrain = {}
     if lm_pretrain_records:
         lm_pretrain["lm_pretrain"] = _write_lm_pretrain(out_dir, seed, lm_pretrain_records, image_size, layout)
@@ -775,8 +815,9 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
             out=out_dir, seed=seed, num_train=num_train, num_eval=num_eval, image_size=image_size,
             num_mmbench=num_mmbench, large_lo=LARGE_FONT_RANGE[0] * s, large_hi=LARGE_FONT_RANGE[1] * s,
             small=SMALL_FONT_SIZE * s, colors=", ".join(COLORS), nvocab=len(VOCABULARY), vocab=", ".join(VOCABULARY),
-            short=SHORT_ANSWER_PROMPT, mc=MC_ANSWER_PROMPT, lm_turns=LM_PRETRAIN_TURNS,
-            read_all=read_all_fraction))
+            short=SHORT_ANSWER_PROMPT, lm_turns=LM_PRETRAIN_TURNS, read_all=read_all_fraction,
+            mc=MC_TEXT_ANSWER_PROMPT if multiple_choice_answer == "text" else MC_ANSWER_PROMPT,
+            mc_fraction=multiple_choice_fraction, captions=round(num_train * caption_fraction)))
     return {"root": out_dir, "image_folder": out_dir, "stage0": stage0, "stage1": stage1, "stage2": stage2,
             **lm_pretrain, "textvqa_questions": tq,
             "textvqa_annotations": ta, "textvqa_image_folder": timg, "mmbench_tsv": mmb, "readme": readme}
@@ -825,6 +866,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="fixed word positions (learnable from scratch) or random positions and sizes")
     parser.add_argument("--multiple-choice-fraction", type=float, default=MULTIPLE_CHOICE_FRACTION,
                         help="share of stage-2 image records that are one MMBench-style multiple-choice question")
+    parser.add_argument("--multiple-choice-answer", choices=["text", "letter"], default=MULTIPLE_CHOICE_ANSWER,
+                        help="training multiple-choice records answer with the option's text or its letter")
+    parser.add_argument("--caption-fraction", type=float, default=CAPTION_FRACTION,
+                        help="stage-2 caption records (words in random order), per training image")
     parser.add_argument("--read-all-fraction", type=float, default=READ_ALL_FRACTION,
                         help="share of stage-2 image records that ask the three words in a fixed order")
     parser.add_argument("--text-choice-fraction", type=float, default=TEXT_CHOICE_FRACTION,
@@ -844,7 +889,9 @@ def main(argv: list[str] | None = None) -> int:
                                        text_choice_fraction=args.text_choice_fraction,
                                        stage0_regions=args.stage0_regions,
                                        color_reference_fraction=args.color_reference_fraction,
-                                       lm_pretrain_records=args.lm_pretrain_records)
+                                       lm_pretrain_records=args.lm_pretrain_records,
+                                       multiple_choice_answer=args.multiple_choice_answer,
+                                       caption_fraction=args.caption_fraction)
     print(f"wrote synthetic dataset to {args.out} in {time.perf_counter() - start:.1f} s")
     for key, path in paths.items():
         print(f"  {key}: {path}")

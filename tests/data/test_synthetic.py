@@ -97,9 +97,11 @@ def test_stage1_captions(dataset):
 
 def test_stage2_schema_and_answers(dataset):
     records = _load(dataset["stage2"])
-    image_recs = [r for r in records if "image" in r]
+    captions = [r for r in records if r["id"].startswith("caption-")]
+    image_recs = [r for r in records if "image" in r and r not in captions]
     text_recs = [r for r in records if "image" not in r]
     assert len(image_recs) == NUM_TRAIN and len(text_recs) == NUM_TRAIN // 20
+    assert len(captions) == round(NUM_TRAIN * syn.CAPTION_FRACTION) > 0
     for rec in image_recs:
         _check_record(rec, dataset["image_folder"], expect_image=True)
     for rec in text_recs:
@@ -110,10 +112,12 @@ def test_stage2_schema_and_answers(dataset):
         conv = rec["conversations"]
         for q, a in zip(conv[0::2], conv[1::2]):
             q, a = q["value"].removeprefix("<image>\n"), a["value"]
-            if q.endswith(syn.MC_ANSWER_PROMPT):
+            assert not q.endswith(syn.MC_ANSWER_PROMPT)  # training answers with the option's text by default
+            if q.endswith(syn.MC_TEXT_ANSWER_PROMPT):
                 n_mc += 1
-                letters = re.findall(r"^([A-D])\. ", q, flags=re.M)
-                assert letters == list("ABCD"[:len(letters)]) and 2 <= len(letters) <= 4 and a in letters
+                options = dict(re.findall(r"^([A-D])\. (.+)$", q, flags=re.M))
+                assert list(options) == list("ABCD"[:len(options)]) and 2 <= len(options) <= 4
+                assert a in options.values() and a in allowed | {"top", "bottom"}
                 continue
             assert a in allowed, (q, a)
             if q.startswith("What word is written"):
@@ -181,6 +185,48 @@ def test_stage0_regions_on_request(tmp_path):
         assert rec["regions"][0]["box"] == list(scene.word("large").box)
     classes = region_classes(paths["stage0"], records)
     assert set(classes) == {"object", "color"} and classes["color"][0] == "none"
+
+
+def test_multiple_choice_records_answer_with_text_or_letter(tmp_path):
+    """The same questions either way (same images and option orders); only the instruction and the answer differ."""
+    by_form = {}
+    for form in ("text", "letter"):
+        paths = syn.generate_synthetic_dataset(str(tmp_path / form), num_train=40, num_eval=0,
+                                               multiple_choice_fraction=0.5, multiple_choice_answer=form)
+        by_form[form] = {r["id"]: [t["value"] for t in r["conversations"]] for r in _load(paths["stage2"])
+                         if "image" in r and "\nA. " in r["conversations"][0]["value"]}
+    assert by_form["text"].keys() == by_form["letter"].keys() and len(by_form["text"]) > 10
+    for rid, (q_text, a_text) in by_form["text"].items():
+        q_letter, a_letter = by_form["letter"][rid]
+        assert q_text.endswith("\n" + syn.MC_TEXT_ANSWER_PROMPT) and q_letter.endswith("\n" + syn.MC_ANSWER_PROMPT)
+        assert q_text.rsplit("\n", 1)[0] == q_letter.rsplit("\n", 1)[0]
+        options = dict(re.findall(r"^([A-D])\. (.+)$", q_letter, flags=re.M))
+        assert options[a_letter] == a_text
+    with pytest.raises(ValueError, match="multiple_choice_answer"):
+        syn.generate_synthetic_dataset(str(tmp_path / "bad"), num_train=2, num_eval=0, multiple_choice_answer="both")
+
+
+def test_caption_records_name_each_word_right_after_its_colour_in_random_order(tmp_path):
+    paths = syn.generate_synthetic_dataset(str(tmp_path / "ds"), num_train=40, num_eval=0, caption_fraction=0.5)
+    records = [r for r in _load(paths["stage2"]) if r["id"].startswith("caption-")]
+    assert len(records) == 20
+    first_words = Counter()
+    for j, rec in enumerate(records):
+        assert rec["image"] == f"images/{j:06d}.png" and os.path.isfile(os.path.join(paths["root"], rec["image"]))
+        prompt, text = (t["value"] for t in rec["conversations"])
+        assert prompt.removeprefix("<image>\n") in syn.CAPTION_PROMPTS
+        scene = syn.sample_scene(random.Random(f"piip-synthetic-0-train-{j}"), 128)
+        large, top, bottom = (scene.word(r) for r in ("large", "top", "bottom"))
+        clauses = re.fullmatch(r"The image shows (.+), (.+), (.+), and (\w+) (\w+) (\w+)\.", text).groups()
+        assert sorted(clauses[:3]) == sorted([f"{large.color} {large.word} in large letters",
+                                              f"{top.color} {top.word} in small letters at the top",
+                                              f"{bottom.color} {bottom.word} in small letters at the bottom"])
+        assert clauses[3:5] == (syn.NUMBER_WORDS[scene.count], scene.shape_color)
+        first_words[clauses[0].split(" ")[1]] += 1
+    assert len(first_words) > 1  # the order varies
+    assert syn.caption(scene) == _load(paths["stage1"])[19]["conversations"][1]["value"]  # stage 1 keeps its order
+    with pytest.raises(ValueError, match="caption_fraction"):
+        syn.generate_synthetic_dataset(str(tmp_path / "bad"), num_train=2, num_eval=0, caption_fraction=-0.1)
 
 
 def test_text_choice_records_state_their_answer(tmp_path):
@@ -342,6 +388,8 @@ def test_choice_question_rotation_and_prompt():
             assert rq.options[rq.answer] == q.options[q.answer]
         p = q.prompt()
         assert p.endswith("\n" + syn.MC_ANSWER_PROMPT) and f"\nA. {q.options[0]}\n" in p
+        assert q.turn("letter") == (p, q.answer_letter)
+        assert q.turn("text") == (p.replace(syn.MC_ANSWER_PROMPT, syn.MC_TEXT_ANSWER_PROMPT), q.options[q.answer])
     assert kinds[2] > 0 and kinds[4] > 0
 
 
