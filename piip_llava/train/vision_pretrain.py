@@ -55,6 +55,9 @@ class VisionPretrainArguments:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    #: weight of the per-token (region) fields' mean loss against the image-level fields' mean: the per-token code is
+    #: what lets an LLM find a word by its colour, and is learnt far more slowly (docs/quickstart.md)
+    token_loss_weight: float = 3.0
     num_eval: int | None = None  # None: min(256, 10% of the records)
     eval_steps: int = 500
     seed: int = 0
@@ -67,6 +70,8 @@ class VisionPretrainArguments:
         for name in ("max_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.token_loss_weight < 0:
+            raise ValueError(f"--token-loss-weight must be >= 0, got {self.token_loss_weight}")
         if self.num_eval is not None and self.num_eval < 0:
             raise ValueError(f"--num-eval must be >= 0, got {self.num_eval}")
 
@@ -233,13 +238,13 @@ class TokenProbe(nn.Module):
 
 
 def probe_losses(features: torch.Tensor, probe: FlatTokenProbe, token_probe: TokenProbe | None,
-                 targets: torch.Tensor, token_targets_: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of every field (image-level and per-token), averaged over the fields."""
-    losses = [F.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(probe(features))]
+                 targets: torch.Tensor, token_targets_: torch.Tensor, token_loss_weight: float = 1.0) -> torch.Tensor:
+    """Mean cross-entropy of the image-level fields + `token_loss_weight` x that of the per-token fields."""
+    loss = torch.stack([F.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(probe(features))]).mean()
     if token_probe is not None:
-        losses += [F.cross_entropy(lg.flatten(0, 1), token_targets_[:, k].flatten())
-                   for k, lg in enumerate(token_probe(features))]
-    return torch.stack(losses).mean()
+        loss = loss + token_loss_weight * torch.stack([F.cross_entropy(lg.flatten(0, 1), token_targets_[:, k].flatten())
+                                                       for k, lg in enumerate(token_probe(features))]).mean()
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -343,7 +348,8 @@ def pretrain_vision(args: VisionPretrainArguments) -> dict:
     bar = tqdm(total=args.max_steps, desc="stage 0 (vision pretraining)", disable=not args.progress, mininterval=2)
     while step < args.max_steps:
         for pixel_values, targets, tok_targets in train_loader:
-            loss = probe_losses(model.get_image_features(pixel_values), probe, token_probe, targets, tok_targets)
+            loss = probe_losses(model.get_image_features(pixel_values), probe, token_probe, targets, tok_targets,
+                                args.token_loss_weight)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -390,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
+    parser.add_argument("--token-loss-weight", type=float, default=defaults.token_loss_weight,
+                        help="weight of the per-token fields' loss against the image-level fields' (with regions)")
     parser.add_argument("--num-eval", type=int, default=None,
                         help="held-out records for accuracy [min(256, 10%% of the records)]")
     parser.add_argument("--eval-steps", type=int, default=defaults.eval_steps)

@@ -161,3 +161,19 @@ def test_token_probe_learns_what_lies_under_each_token(tmp_path, tokenizer_dir):
     acc = metrics["final_eval_accuracy"]
     assert acc["left"] == 1.0 and acc["right"] == 1.0
     assert acc["tokens:color"] >= 0.95  # chance among the two colours is 0.5
+
+
+def test_probe_loss_weighs_the_per_token_fields_against_the_image_level_ones():
+    torch.manual_seed(0)
+    features = torch.randn(2, 4, 8)
+    probe, token_probe = vp.FlatTokenProbe(4, 8, [3, 2]), vp.TokenProbe(8, [5])
+    targets, tok = torch.tensor([[0, 1], [2, 0]]), torch.randint(0, 5, (2, 1, 4))
+    flat = torch.stack([torch.nn.functional.cross_entropy(lg, targets[:, k])
+                        for k, lg in enumerate(probe(features))]).mean()
+    per_token = torch.nn.functional.cross_entropy(token_probe(features)[0].flatten(0, 1), tok[:, 0].flatten())
+    torch.testing.assert_close(vp.probe_losses(features, probe, None, targets, tok), flat)
+    torch.testing.assert_close(vp.probe_losses(features, probe, token_probe, targets, tok, 0.0), flat)
+    torch.testing.assert_close(vp.probe_losses(features, probe, token_probe, targets, tok, 3.0), flat + 3 * per_token)
+    with pytest.raises(ValueError, match="token-loss-weight"):
+        vp.VisionPretrainArguments(data_path="d", image_folder="i", output_dir="o", preset=PRESET,
+                                   token_loss_weight=-1)
