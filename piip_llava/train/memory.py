@@ -15,7 +15,8 @@ Activations of one micro-batch (bytes, compute dtype `a` bytes per element, sequ
   (after Korthikanti et al. 2022). Flash / memory-efficient attention (`--attention flash`, what SDPA picks on a
   GPU) keeps no s x s matrix; the math kernel (`--attention math`, SDPA on CPU) keeps the scores and their softmax,
   `2*a*heads*s^2` per layer;
-* the logits and the loss: `s*V*(a + 8)` (the logits, their fp32 copy and its gradient);
+* the logits and the loss: `s*V*(a + 8)` (the logits, their fp32 copy and its gradient), an upper bound: training
+  runs the LM head only at the supervised positions (the answers);
 * the vision tower: when it trains, each branch keeps `17a` bytes per token and channel of every block, on that
   block's grid (checkpointing off, the recipe's); frozen, only one block's worth at a time.
 `--seq-len` is the padded length of a micro-batch: LLaVA's length-grouped sampler keeps most batches shorter than

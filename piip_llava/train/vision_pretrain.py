@@ -238,7 +238,7 @@ class TokenProbe(nn.Module):
 
 
 def probe_losses(features: torch.Tensor, probe: FlatTokenProbe, token_probe: TokenProbe | None,
-                 targets: torch.Tensor, token_targets_: torch.Tensor, token_loss_weight: float = 1.0) -> torch.Tensor:
+                 targets: torch.Tensor, token_targets_: torch.Tensor, token_loss_weight: float) -> torch.Tensor:
     """Mean cross-entropy of the image-level fields + `token_loss_weight` x that of the per-token fields."""
     loss = torch.stack([F.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(probe(features))]).mean()
     if token_probe is not None:

@@ -171,7 +171,7 @@ def test_probe_loss_weighs_the_per_token_fields_against_the_image_level_ones():
     flat = torch.stack([torch.nn.functional.cross_entropy(lg, targets[:, k])
                         for k, lg in enumerate(probe(features))]).mean()
     per_token = torch.nn.functional.cross_entropy(token_probe(features)[0].flatten(0, 1), tok[:, 0].flatten())
-    torch.testing.assert_close(vp.probe_losses(features, probe, None, targets, tok), flat)
+    torch.testing.assert_close(vp.probe_losses(features, probe, None, targets, tok, 3.0), flat)
     torch.testing.assert_close(vp.probe_losses(features, probe, token_probe, targets, tok, 0.0), flat)
     torch.testing.assert_close(vp.probe_losses(features, probe, token_probe, targets, tok, 3.0), flat + 3 * per_token)
     with pytest.raises(ValueError, match="token-loss-weight"):
