@@ -4,7 +4,7 @@
 # the images' labels (standing in for pretrained backbones), then scripts/pretrain_piip_llava.sh and
 # scripts/finetune_piip_llava.sh, evaluates it with eval/textvqa.py and eval/mmbench.py, prints the results and what
 # they are made of (synthetic_breakdown), asks the Gradio demo about new images, and prints the command that opens the
-# demo. About 16-18 minutes on 2 quiet CPU cores, 26.5 measured with another busy process beside it (README,
+# demo. About 14 minutes on 2 quiet CPU cores, 19.5 measured with another busy process beside it (README,
 # benchmarks/busy_machine.py).
 #
 #   OUT_DIR (outputs/quickstart), PRESET, NUM_TRAIN (4000), NUM_EVAL (200), STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS,
