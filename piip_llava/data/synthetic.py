@@ -84,6 +84,8 @@ LM_PRETRAIN_TURNS = 6
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MC_ANSWER_PROMPT = "Answer with the option's letter from the given choices directly."
 MC_TEXT_ANSWER_PROMPT = "Answer with the option's text from the given choices directly."
+#: The instruction of a multiple-choice prompt per answer form (`ChoiceAnswer`).
+MC_PROMPTS = {"letter": MC_ANSWER_PROMPT, "text": MC_TEXT_ANSWER_PROMPT}
 OCR_PREFIX = "Reference OCR token: "
 CAPTION_PROMPTS: tuple[str, ...] = (
     "Describe the image briefly.",
@@ -337,10 +339,12 @@ class ChoiceQuestion:
     def prompt(self, answer: ChoiceAnswer = "letter") -> str:
         """The text after `<image>\\n` in LLaVA's `model_vqa_mmbench.py` with `--single-pred-prompt`; with
         `answer="text"` the instruction asks for the option's text instead of its letter."""
+        if answer not in MC_PROMPTS:
+            raise ValueError(f"multiple-choice answer must be one of {sorted(MC_PROMPTS)}, got {answer!r}")
         text = f"{self.hint}\n{self.question}" if self.hint else self.question
         for letter, opt in zip(MC_LETTERS, self.options):
             text += f"\n{letter}. {opt}"
-        return f"{text}\n{MC_TEXT_ANSWER_PROMPT if answer == 'text' else MC_ANSWER_PROMPT}"
+        return f"{text}\n{MC_PROMPTS[answer]}"
 
     @property
     def answer_letter(self) -> str:
@@ -348,8 +352,6 @@ class ChoiceQuestion:
 
     def turn(self, answer: ChoiceAnswer = "letter") -> tuple[str, str]:
         """(prompt, answer) of a training record: the letter or the option's text, as the instruction asks."""
-        if answer not in ("letter", "text"):
-            raise ValueError(f"multiple-choice answer must be 'letter' or 'text', got {answer!r}")
         return self.prompt(answer), self.answer_letter if answer == "letter" else self.options[self.answer]
 
 
@@ -602,9 +604,11 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
                  caption_fraction: float = CAPTION_FRACTION) -> tuple[str, str, str]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     stage0, stage1, stage2 = [], [], []
+    scenes = []  # the caption records below describe the first images again
     for i in range(num_train):
         rng = _rng(seed, "train", i)
         scene = sample_scene(rng, image_size, layout)
+        scenes.append(scene)
         rel = f"images/{i:06d}.png"
         render_scene(scene).save(os.path.join(out_dir, rel))
         sid = f"{i:06d}"
@@ -625,9 +629,8 @@ def _write_train(out_dir: str, seed: int, num_train: int, image_size: int, layou
         stage2.append(_text_only_record(j, _rng(seed, "text", j)))
     for j in range(round(num_train * caption_fraction)):  # images 0.. again, described in a random word order
         rng = _rng(seed, "caption", j)
-        scene = sample_scene(_rng(seed, "train", j), image_size, layout)
         stage2.append({"id": f"caption-{j:06d}", "image": f"images/{j:06d}.png", "conversations": _conversation(
-            [(rng.choice(CAPTION_PROMPTS), caption(scene, rng))], with_image=True)})
+            [(rng.choice(CAPTION_PROMPTS), caption(scenes[j], rng))], with_image=True)})
     for j in range(round(num_train * text_choice_fraction)):
         stage2.append(_text_choice_record(j, _rng(seed, "text-choice", j), image_size, layout))
     paths = tuple(os.path.join(out_dir, f"stage{k}.json") for k in range(3))
@@ -790,7 +793,7 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
                          f"{multiple_choice_fraction} and {read_all_fraction}")
     if text_choice_fraction < 0:
         raise ValueError(f"text_choice_fraction must be >= 0, got {text_choice_fraction}")
-    if multiple_choice_answer not in ("letter", "text"):
+    if multiple_choice_answer not in MC_PROMPTS:
         raise ValueError(f"multiple_choice_answer must be 'letter' or 'text', got {multiple_choice_answer!r}")
     if caption_fraction < 0:
         raise ValueError(f"caption_fraction must be >= 0, got {caption_fraction}")
@@ -816,7 +819,7 @@ def generate_synthetic_dataset(out_dir: str, seed: int = 0, num_train: int = 400
             num_mmbench=num_mmbench, large_lo=LARGE_FONT_RANGE[0] * s, large_hi=LARGE_FONT_RANGE[1] * s,
             small=SMALL_FONT_SIZE * s, colors=", ".join(COLORS), nvocab=len(VOCABULARY), vocab=", ".join(VOCABULARY),
             short=SHORT_ANSWER_PROMPT, lm_turns=LM_PRETRAIN_TURNS, read_all=read_all_fraction,
-            mc=MC_TEXT_ANSWER_PROMPT if multiple_choice_answer == "text" else MC_ANSWER_PROMPT,
+            mc=MC_PROMPTS[multiple_choice_answer],
             mc_fraction=multiple_choice_fraction, captions=round(num_train * caption_fraction)))
     return {"root": out_dir, "image_folder": out_dir, "stage0": stage0, "stage1": stage1, "stage2": stage2,
             **lm_pretrain, "textvqa_questions": tq,
